@@ -1,0 +1,246 @@
+"""Training-step time of the HitNet recurrent layers against torch's own LSTM / GRU.
+
+Measures the median wall time of one training step (forward, cross-entropy, backward,
+``clip_grad_norm_(0.25)``, SGD step) of a 1-layer word language model at batch 20, bptt 35,
+embedding 300, hidden 300, vocab 10,000, on random token ids. For each cell it times:
+
+  * ``torch.nn.LSTM`` / ``torch.nn.GRU`` (cuDNN on a GPU): the baseline;
+  * the ``SlopedLSTM`` / ``SlopedGRU`` full-precision reference loop (quantization off,
+    slopes 1, ``fused_full_precision=False``, so the Python per-step loop runs);
+  * the ternary layer: TTQ weights, BTQ activations, lambda_sigma = lambda_tanh = 1.
+
+All variants share the same embedding / dropout 0.5 / decoder model (``RNNLanguageModel``);
+the baseline only swaps its recurrent layer for a plain torch module. The hidden state is
+carried, detached, from step to step as in training. On CUDA every step is bracketed by
+``torch.cuda.synchronize()`` and the peak allocated memory is reported per variant.
+
+Run from the repository root:
+
+    python bench/step_time.py                      # cuda if available, else cpu
+    python bench/step_time.py --device cpu --steps 10 --cells lstm --json step_time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hitnet.language_model import (
+    ModelConfig,
+    RecurrentState,
+    RNNLanguageModel,
+    detach_state,
+)
+from hitnet.quantizers import QuantConfig
+
+VOCAB, BATCH, BPTT, HIDDEN, EMBEDDING = 10_000, 20, 35, 300, 300
+LR, CLIP = 20.0, 0.25
+TORCH_RNN: dict[str, type[nn.LSTM] | type[nn.GRU]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+class TorchRecurrent(nn.Module):
+    """A plain ``torch.nn.LSTM`` / ``GRU`` that takes (and ignores) the model's ``generator``."""
+
+    def __init__(self, cell: str) -> None:
+        super().__init__()
+        self.rnn = TORCH_RNN[cell](EMBEDDING, HIDDEN)
+
+    def forward(
+        self, input: Tensor, hx: RecurrentState | None = None, generator: object = None
+    ) -> tuple[Tensor, RecurrentState]:
+        return self.rnn(input, hx)
+
+
+def build_baseline(cell: str) -> RNNLanguageModel:
+    model = RNNLanguageModel(ModelConfig(vocab_size=VOCAB, cell=cell, dropout=0.5))
+    model.recurrent = TorchRecurrent(cell)
+    return model
+
+
+def build_fp_loop(cell: str) -> RNNLanguageModel:
+    model = RNNLanguageModel(ModelConfig(vocab_size=VOCAB, cell=cell, dropout=0.5))
+    model.recurrent.fused_full_precision = False
+    assert not model.recurrent.uses_fused_kernel
+    return model
+
+
+def build_ternary(cell: str) -> RNNLanguageModel:
+    quant = QuantConfig(weight="ttq", activation="btq")
+    config = ModelConfig(
+        vocab_size=VOCAB, cell=cell, dropout=0.5, quant=quant, lambda_sigma=1.0, lambda_tanh=1.0
+    )
+    model = RNNLanguageModel(config)
+    assert not model.recurrent.uses_fused_kernel
+    return model
+
+
+def variants(cell: str) -> list[tuple[str, Callable[[str], RNNLanguageModel]]]:
+    layer = "SlopedLSTM" if cell == "lstm" else "SlopedGRU"
+    return [
+        (f"torch.nn.{cell.upper()}", build_baseline),
+        (f"{layer} FP loop", build_fp_loop),
+        (f"{layer} ternary (TTQ w, BTQ a)", build_ternary),
+    ]
+
+
+@dataclass
+class Result:
+    cell: str
+    variant: str
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    ratio: float
+    peak_mib: float | None
+    mem_ratio: float | None
+    final_loss: float
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variant(
+    model: RNNLanguageModel, device: torch.device, steps: int, warmup: int
+) -> tuple[list[float], float | None, float]:
+    """Per-step times in ms over ``steps`` timed steps, peak MiB (CUDA only), last loss."""
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    tokens = torch.randint(VOCAB, (BPTT + 1, BATCH), device=device)
+    inputs, targets = tokens[:-1], tokens[1:].reshape(-1)
+    state = model.initial_state(BATCH, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times: list[float] = []
+    loss = torch.zeros(())
+    for step in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        logits, state = model(inputs, state)
+        state = detach_state(state)
+        loss = F.cross_entropy(logits.view(-1, VOCAB), targets)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        sync(device)
+        if step >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return times, peak, loss.item()
+
+
+def bench_cell(cell: str, device: torch.device, steps: int, warmup: int) -> list[Result]:
+    results: list[Result] = []
+    for variant, build in variants(cell):
+        torch.manual_seed(0)
+        times, peak, final_loss = time_variant(build(cell), device, steps, warmup)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        median = statistics.median(times)
+        deciles = statistics.quantiles(times, n=10) if len(times) > 1 else [median] * 9
+        base_ms = results[0].median_ms if results else median
+        base_mib = results[0].peak_mib if results else peak
+        results.append(
+            Result(
+                cell=cell,
+                variant=variant,
+                median_ms=median,
+                p10_ms=deciles[0],
+                p90_ms=deciles[-1],
+                ratio=median / base_ms,
+                peak_mib=peak,
+                mem_ratio=peak / base_mib if peak is not None and base_mib else None,
+                final_loss=final_loss,
+            )
+        )
+    return results
+
+
+def print_table(cell: str, results: list[Result]) -> None:
+    with_mem = results[0].peak_mib is not None
+    header = f"{'variant':<34} {'median ms':>10} {'p10-p90 ms':>15} {'x base':>7}"
+    if with_mem:
+        header += f" {'peak MiB':>9} {'x base':>7}"
+    print(f"\n[{cell}]  batch {BATCH}, bptt {BPTT}, hidden {HIDDEN}, vocab {VOCAB}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        spread = f"{r.p10_ms:.2f}-{r.p90_ms:.2f}"
+        row = f"{r.variant:<34} {r.median_ms:>10.2f} {spread:>15} {r.ratio:>7.2f}"
+        if with_mem:
+            row += f" {r.peak_mib:>9.1f} {r.mem_ratio:>7.2f}"
+        print(row)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuDNN {torch.backends.cudnn.version()})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device, help=f"default: {default_device}")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--cells", default="lstm,gru", help="comma-separated: lstm, gru")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    args = parser.parse_args(argv)
+    args.cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    unknown = set(args.cells) - set(TORCH_RNN)
+    if unknown or not args.cells:
+        parser.error(f"--cells takes lstm and/or gru, got {args.cells}")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("need --steps >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    print(f"device: {device_name(device)}")
+    print(f"torch:  {torch.__version__}")
+    print(f"steps:  {args.steps} timed after {args.warmup} warm-up, SGD lr {LR}, clip {CLIP}")
+    results = []
+    for cell in args.cells:
+        cell_results = bench_cell(cell, device, args.steps, args.warmup)
+        print_table(cell, cell_results)
+        results.extend(cell_results)
+    if args.json is not None:
+        report = {
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "shape": {
+                "batch": BATCH,
+                "bptt": BPTT,
+                "embedding": EMBEDDING,
+                "hidden": HIDDEN,
+                "vocab": VOCAB,
+            },
+            "results": [asdict(r) for r in results],
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

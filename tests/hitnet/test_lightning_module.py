@@ -1,0 +1,167 @@
+"""Training procedure: perplexity definition, lr schedule, learning on PTB, exact resume."""
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from hitnet.data import PTBDataModule
+from hitnet.language_model import ModelConfig
+from hitnet.lightning_module import LanguageModelTask
+from hitnet.quantizers import QuantConfig
+
+TERNARY = QuantConfig(weight="ttq", activation="btq")
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "gradient_clip_val": 0.25,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+FULL_PRECISION = QuantConfig()
+
+
+def _task(vocab_size: int, quant: QuantConfig = FULL_PRECISION, cell: str = "lstm", **kwargs):
+    config = ModelConfig(
+        vocab_size=vocab_size,
+        cell=cell,
+        embedding_size=32,
+        hidden_size=32,
+        dropout=0.0,
+        quant=quant,
+        lambda_sigma=kwargs.pop("slope", 1.0),
+        lambda_tanh=kwargs.pop("slope_t", 1.0),
+    )
+    return LanguageModelTask(config, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def small_ptb(ptb_dir):
+    datamodule = PTBDataModule(
+        ptb_dir, batch_size=10, eval_batch_size=10, bptt=20, max_tokens=60_000
+    )
+    datamodule.setup()
+    return datamodule
+
+
+def test_test_perplexity_is_exp_of_mean_nll_over_all_tokens(small_ptb):
+    pl.seed_everything(0)
+    task = _task(small_ptb.vocab_size)
+    (result,) = _trainer(limit_test_batches=7).test(task, small_ptb, verbose=False)
+
+    task.model.eval()
+    nll, count, state = 0.0, 0, None
+    with torch.no_grad():
+        for index, (inputs, targets) in enumerate(small_ptb.test_dataloader()):
+            if index == 7:
+                break
+            logits, state = task.model(inputs, state)
+            nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            count += targets.numel()
+    assert result["test_ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_lr_is_divided_by_four_when_validation_perplexity_does_not_improve():
+    task = _task(20, lr=20.0)
+    optimizer = task.configure_optimizers()
+    scheduler = task.plateau
+    lrs = []
+    for val_ppl in [100.0, 90.0, 90.0, 80.0, 85.0]:
+        scheduler.step(val_ppl)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == [20.0, 20.0, 5.0, 5.0, 1.25]
+
+
+def test_bad_optimisation_settings_are_rejected():
+    with pytest.raises(ValueError, match="lr > 0"):
+        _task(20, lr=0.0)
+    with pytest.raises(ValueError, match="0 < lr_decay < 1"):
+        _task(20, lr_decay=4.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("cell", "quant", "slope"),
+    [("lstm", FULL_PRECISION, 1.0), ("lstm", TERNARY, 1.0), ("gru", TERNARY, 2.0)],
+    ids=["fp-lstm", "ternary-lstm", "ternary-gru-sloped"],
+)
+def test_a_few_hundred_steps_lower_validation_perplexity_well_below_its_start(
+    small_ptb, cell, quant, slope
+):
+    pl.seed_everything(0)
+    task = _task(small_ptb.vocab_size, quant, cell, slope=slope, slope_t=slope)
+    trainer = _trainer(max_epochs=1, limit_train_batches=250, limit_val_batches=15)
+    (before,) = trainer.validate(task, small_ptb, verbose=False)
+    trainer.fit(task, small_ptb)
+    after = trainer.callback_metrics
+    assert before["val_ppl"] > 5000  # ~ vocabulary size: an untrained model
+    assert after["val_ppl"] < 0.2 * before["val_ppl"]
+    assert math.isfinite(after["train_ppl"]) and after["lr"] == 20.0
+
+
+class _RecordLosses(Callback):
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append((trainer.current_epoch, outputs["loss"].item()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", [FULL_PRECISION, TERNARY], ids=["fp", "ternary"])
+def test_checkpoint_round_trip_resumes_exactly(small_ptb, tmp_path, quant):
+    limits = {"limit_train_batches": 6, "limit_val_batches": 3}
+
+    def task():
+        return LanguageModelTask(
+            ModelConfig(
+                vocab_size=small_ptb.vocab_size,
+                embedding_size=16,
+                hidden_size=16,
+                dropout=0.3,
+                quant=quant,
+            ),
+            lr=20.0,
+        )
+
+    pl.seed_everything(1)
+    uninterrupted = _RecordLosses()
+    _trainer(max_epochs=3, callbacks=[uninterrupted], **limits).fit(task(), small_ptb)
+
+    pl.seed_everything(1)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = _trainer(
+        max_epochs=2,
+        callbacks=[checkpoints],
+        enable_checkpointing=True,
+        default_root_dir=tmp_path,
+        **limits,
+    )
+    first.fit(task(), small_ptb)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["hitnet_plateau"]["last_epoch"] == 2  # both epochs' lr steps are in it
+
+    pl.seed_everything(123)  # a different process would not share the first run's RNG
+    resumed = _RecordLosses()
+    second = _trainer(
+        max_epochs=3, callbacks=[resumed], default_root_dir=tmp_path / "second", **limits
+    )
+    resumed_task = task()
+    second.fit(resumed_task, small_ptb, ckpt_path=tmp_path / "last.ckpt")
+
+    expected = [loss for epoch, loss in uninterrupted.losses if epoch == 2]
+    assert [epoch for epoch, _ in resumed.losses] == [2] * len(expected)
+    assert [loss for _, loss in resumed.losses] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert second.current_epoch == 3
+    assert resumed_task.plateau.last_epoch == 3

@@ -1,0 +1,200 @@
+"""Sloped LSTM/GRU: exact equivalence with torch's layers, layout, slopes, real ternarity."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hitnet.quantizers import QuantConfig
+from hitnet.recurrent import SlopedGRU, SlopedLSTM
+
+TORCH_LAYER = {SlopedLSTM: torch.nn.LSTM, SlopedGRU: torch.nn.GRU}
+TERNARY = QuantConfig(weight="ttq", activation="btq")
+
+
+def _pair(cls, input_size, hidden_size, num_layers, seed):
+    torch.manual_seed(seed)
+    reference = TORCH_LAYER[cls](input_size, hidden_size, num_layers=num_layers)
+    layer = cls(input_size, hidden_size, num_layers=num_layers, fused_full_precision=False)
+    layer.load_state_dict(reference.state_dict())
+    return reference, layer
+
+
+def _initial_state(cls, num_layers, batch, hidden_size):
+    h = torch.randn(num_layers, batch, hidden_size)
+    return (h, torch.randn(num_layers, batch, hidden_size)) if cls is SlopedLSTM else h
+
+
+def _flat(state):
+    return torch.cat([s.flatten() for s in state]) if isinstance(state, tuple) else state.flatten()
+
+
+@pytest.mark.parametrize("cls", [SlopedLSTM, SlopedGRU])
+@settings(max_examples=15, deadline=None)
+@given(
+    seq_len=st.integers(1, 12),
+    batch=st.integers(1, 6),
+    input_size=st.integers(1, 16),
+    hidden_size=st.integers(1, 16),
+    num_layers=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_reference_loop_matches_torch_outputs_states_and_gradients(
+    cls, seq_len, batch, input_size, hidden_size, num_layers, seed
+):
+    reference, layer = _pair(cls, input_size, hidden_size, num_layers, seed)
+    x = torch.randn(seq_len, batch, input_size)
+    state = _initial_state(cls, num_layers, batch, hidden_size)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    out_ref, state_ref = reference(x_ref, state)
+    out_ours, state_ours = layer(x_ours, state)
+    assert (out_ref - out_ours).abs().max() < 1e-5
+    assert (_flat(state_ref) - _flat(state_ours)).abs().max() < 1e-5
+
+    weights = torch.randn_like(out_ref)
+    ((out_ref * weights).sum() + _flat(state_ref).sum()).backward()
+    ((out_ours * weights).sum() + _flat(state_ours).sum()).backward()
+    assert (x_ref.grad - x_ours.grad).abs().max() < 1e-5
+    for name, param in reference.named_parameters():
+        ours = dict(layer.named_parameters())[name]
+        assert (param.grad - ours.grad).abs().max() < 1e-5, name
+
+
+@pytest.mark.parametrize("cls", [SlopedLSTM, SlopedGRU])
+def test_parameter_layout_is_torchs_so_checkpoints_load_both_ways(cls):
+    reference = TORCH_LAYER[cls](5, 7, num_layers=2)
+    ternary = cls(5, 7, num_layers=2, quant=TERNARY, lambda_sigma=3.0, lambda_tanh=2.0)
+    assert list(ternary.state_dict()) == list(reference.state_dict())
+    ternary.load_state_dict(reference.state_dict())
+    reference.load_state_dict(ternary.state_dict())
+
+
+@pytest.mark.parametrize("cls", [SlopedLSTM, SlopedGRU])
+def test_fused_default_path_equals_reference_loop(cls):
+    torch.manual_seed(0)
+    fused = cls(6, 8, num_layers=2)
+    loop = cls(6, 8, num_layers=2, fused_full_precision=False)
+    loop.load_state_dict(fused.state_dict())
+    assert fused.uses_fused_kernel and not loop.uses_fused_kernel
+    x = torch.randn(9, 3, 6)
+    assert (fused(x)[0] - loop(x)[0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("cls", [SlopedLSTM, SlopedGRU])
+def test_slopes_change_the_function_and_scale_preactivations(cls):
+    torch.manual_seed(1)
+    plain = cls(4, 5)
+    sloped = cls(4, 5, lambda_sigma=2.0, lambda_tanh=1.0)
+    assert not sloped.uses_fused_kernel
+    sloped.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 2, 4)
+    assert (plain(x)[0] - sloped(x)[0]).abs().max() > 1e-3
+    # sigmoid(2 * (Wx + b)) == sigmoid(W'x + b') with W' = 2W, b' = 2b for the gates only.
+    doubled = cls(4, 5, fused_full_precision=False)
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    hidden = plain.hidden_size
+    gate_rows = (
+        [slice(0, 2 * hidden), slice(3 * hidden, 4 * hidden)]  # LSTM i, f, o
+        if cls is SlopedLSTM
+        else [slice(0, 2 * hidden)]  # GRU r, z
+    )
+    for tensor in state.values():
+        for rows in gate_rows:
+            tensor[rows] *= 2.0
+    doubled.load_state_dict(state)
+    assert (doubled(x)[0] - sloped(x)[0]).abs().max() < 1e-5
+
+
+def _record_outputs(layer):
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def hook(module, inputs, output):
+        seen.setdefault(getattr(module, "group", "weights"), []).append(output.detach())
+
+    for module in (
+        layer.weight_quantizer,
+        layer.gate_quantizer,
+        layer.candidate_quantizer,
+        layer.hidden_quantizer,
+    ):
+        module.register_forward_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("cls", [SlopedLSTM, SlopedGRU])
+@pytest.mark.parametrize("train", [True, False])
+def test_ternary_forward_really_uses_ternary_weights_and_activations(cls, train):
+    torch.manual_seed(2)
+    config = QuantConfig(weight="ttq", activation="btq", ttq_scaled=False)
+    layer = cls(6, 10, num_layers=2, quant=config, lambda_sigma=2.0, lambda_tanh=2.0)
+    layer.train(train)
+    seen = _record_outputs(layer)
+    output, _ = layer(torch.randn(7, 4, 6))
+
+    gates_per_step = 3 if cls is SlopedLSTM else 2
+    assert len(seen["weights"]) == 2 * 2  # W_ih and W_hh of both layers
+    assert len(seen["gates"]) == 7 * 2 * gates_per_step
+    assert len(seen["candidate"]) == len(seen["hidden"]) == 7 * 2
+    for group, outputs in seen.items():
+        values = set(torch.cat([o.flatten() for o in outputs]).unique().tolist())
+        allowed = {0.0, 1.0} if group == "gates" else {-1.0, 0.0, 1.0}
+        assert values <= allowed, group
+        assert len(values) >= 2, group  # not degenerate
+    assert set(output.unique().tolist()) <= {-1.0, 0.0, 1.0}
+
+
+def test_ttq_scaled_weights_take_three_values_per_matrix():
+    layer = SlopedLSTM(6, 10, quant=QuantConfig(weight="ttq"))
+    seen = _record_outputs(layer)
+    layer(torch.randn(2, 1, 6))
+    for weight in seen["weights"]:
+        alpha = weight.abs().max()
+        assert set(weight.unique().tolist()) <= {-alpha.item(), 0.0, alpha.item()}
+
+
+def test_only_configured_activations_are_quantized():
+    config = QuantConfig(weight="none", activation="btq", activations={"hidden"})
+    layer = SlopedLSTM(4, 8, quant=config)
+    seen = _record_outputs(layer)
+    layer(torch.randn(5, 3, 4))
+    gates = torch.cat([g.flatten() for g in seen["gates"]])
+    assert not set(gates.unique().tolist()) <= {0.0, 1.0}
+    assert set(torch.cat(seen["hidden"]).unique().tolist()) <= {-1.0, 0.0, 1.0}
+
+
+@pytest.mark.parametrize("cls", [SlopedLSTM, SlopedGRU])
+def test_btq_noise_is_reproducible_from_a_generator(cls):
+    layer = cls(4, 8, quant=TERNARY)
+    x = torch.randn(5, 3, 4)
+    a = layer(x, generator=torch.Generator().manual_seed(5))[0]
+    b = layer(x, generator=torch.Generator().manual_seed(5))[0]
+    c = layer(x, generator=torch.Generator().manual_seed(6))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_deterministic_evaluation_ignores_the_generator():
+    layer = SlopedGRU(
+        4, 8, quant=QuantConfig(weight="ttq", activation="btq", btq_eval="deterministic")
+    )
+    layer.eval()
+    x = torch.randn(5, 3, 4)
+    a = layer(x, generator=torch.Generator().manual_seed(5))[0]
+    b = layer(x, generator=torch.Generator().manual_seed(6))[0]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [SlopedLSTM, SlopedGRU])
+def test_ternary_layer_passes_gradients_to_shadow_weights(cls):
+    layer = cls(4, 8, quant=TERNARY)
+    output, _ = layer(torch.randn(5, 3, 4))
+    output.sum().backward()
+    assert layer.weight_hh_l0.grad.abs().sum() > 0
+    assert layer.weight_ih_l0.grad.abs().sum() > 0
+
+
+def test_bad_shapes_and_slopes_are_rejected_with_clear_messages():
+    with pytest.raises(ValueError, match=r"expects input of shape \(seq_len, batch, 4\)"):
+        SlopedLSTM(4, 8)(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="sloping factors must be > 0"):
+        SlopedGRU(4, 8, lambda_sigma=-1.0)
