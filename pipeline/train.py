@@ -114,7 +114,8 @@ def train(
         limit_train_batches=recipe.limit_train_batches,
         limit_val_batches=recipe.limit_eval_batches,
         limit_test_batches=recipe.limit_eval_batches,
-        callbacks=[best, history] + ([TQDMProgressBar(refresh_rate=50)] if on_terminal else []),
+        # history before best: each checkpoint then holds the rows up to its own epoch.
+        callbacks=[history, best] + ([TQDMProgressBar(refresh_rate=50)] if on_terminal else []),
         enable_progress_bar=on_terminal,
         logger=False,
         default_root_dir=work_dir,
@@ -122,14 +123,14 @@ def train(
         enable_model_summary=False,
     )
     trainer.fit(task, datamodule, ckpt_path=last if last.is_file() else None)
-    (test,) = trainer.test(task, datamodule, ckpt_path=best.best_model_path, verbose=False)
-
     metrics = {
         "train_ppl": history.rows[-1]["train_ppl"],
         "val_ppl": float(best.best_model_score),
-        "test_ppl": float(test["test_ppl"]),
         "epochs": len(history.rows),
     }
+    # Testing restores the best checkpoint, callback states included: read history first.
+    (test,) = trainer.test(task, datamodule, ckpt_path=best.best_model_path, verbose=False)
+    metrics["test_ppl"] = float(test["test_ppl"])
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best.best_model_path, out_dir / "model.ckpt")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
