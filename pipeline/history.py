@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,15 @@ class EpochHistory(Checkpoint):
     """A ``Checkpoint`` so that Lightning calls it after the module's ``on_train_epoch_end``,
     where ``train_ppl`` is logged, as it does for ``ModelCheckpoint``."""
 
-    def __init__(self, path: Path, name: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        name: str,
+        log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.name = name
+        self.log_metrics = log_metrics  # e.g. MLflow, after the CSV is safely written
         self.rows: list[dict[str, float]] = []
         self._epoch_started = 0.0
 
@@ -39,6 +46,8 @@ class EpochHistory(Checkpoint):
             row[key] = float(metrics[key]) if key in metrics else math.nan
         self.rows.append(row)
         self.write()
+        if self.log_metrics is not None:
+            self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
         seconds = time.monotonic() - self._epoch_started
         eta_min = seconds * (trainer.max_epochs - row["epoch"]) / 60
         print(

@@ -88,6 +88,15 @@ class HardwareParams(Section):
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
 
 
+class ReportParams(Section):
+    # BTQ evaluated stochastically: test once per seed, report mean and spread.
+    eval_seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0, 1, 2, 3, 4]
+
+
+class TrackingParams(Section):
+    experiment: Annotated[str, Field(min_length=1)] = "hitnet-ptb"
+
+
 class Params(Section):
     seed: Annotated[int, Field(ge=0)] = 0
     cells: list[CellType] = ["lstm", "gru"]
@@ -97,6 +106,8 @@ class Params(Section):
     train_fp: TrainParams = TrainParams()
     train_ternary: TrainParams = TrainParams()
     hardware: HardwareParams = HardwareParams()
+    tracking: TrackingParams = TrackingParams()
+    report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
     def _tie_needs_equal_sizes(self) -> Params:

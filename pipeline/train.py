@@ -27,7 +27,8 @@ from hitnet.data import PTBDataModule
 from hitnet.language_model import CellType
 from hitnet.lightning_module import LanguageModelTask
 from pipeline.history import EpochHistory
-from pipeline.params import Params, load_params
+from pipeline.params import Params, TrainParams, load_params
+from pipeline.tracking import StageRun
 
 Kind = Literal["fp", "ternary"]
 
@@ -45,13 +46,14 @@ def used_params(params: Params, kind: Kind) -> dict:
 
 
 def fingerprint(params: dict, init_from: Path | None) -> str:
+    """Names the resume folder: a change of params or of the FP model starts afresh."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     if init_from is not None:
         digest.update(Path(init_from).read_bytes())
     return digest.hexdigest()[:12]
 
 
-def _datamodule(params: Params, data_dir: Path) -> PTBDataModule:
+def datamodule_for(params: Params, data_dir: Path) -> PTBDataModule:
     data = params.data
     return PTBDataModule(
         data_dir,
@@ -60,6 +62,26 @@ def _datamodule(params: Params, data_dir: Path) -> PTBDataModule:
         bptt=data.bptt,
         allow_unknown=data.allow_unknown,
         max_tokens=data.max_tokens,
+    )
+
+
+def _trainer(params: Params, recipe: TrainParams, work_dir: Path, callbacks: list) -> pl.Trainer:
+    on_terminal = sys.stderr.isatty()  # a live bar for people; CI gets one line an epoch
+    return pl.Trainer(
+        max_epochs=recipe.epochs,
+        gradient_clip_val=recipe.clip,
+        accelerator=params.hardware.accelerator,
+        devices=params.hardware.devices,
+        precision=params.hardware.precision,
+        limit_train_batches=recipe.limit_train_batches,
+        limit_val_batches=recipe.limit_eval_batches,
+        limit_test_batches=recipe.limit_eval_batches,
+        callbacks=callbacks + ([TQDMProgressBar(refresh_rate=50)] if on_terminal else []),
+        enable_progress_bar=on_terminal,
+        logger=False,
+        default_root_dir=work_dir,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
     )
 
 
@@ -73,18 +95,26 @@ def train(
     work_root: Path = Path("checkpoints"),
 ) -> dict[str, float]:
     """Trains (or resumes) one model, tests its best checkpoint, writes ``out_dir``."""
-    if kind == "ternary" and init_from is not None and not Path(init_from).is_file():
+    if init_from is not None and not Path(init_from).is_file():
         raise FileNotFoundError(f"--init {init_from}: no full-precision checkpoint there")
     name = stage_name(kind, cell)
     recipe = params.train_fp if kind == "fp" else params.train_ternary
-    work_dir = (
-        Path(work_root)
-        / f"{name.replace('@', '-')}-{fingerprint(used_params(params, kind), init_from)}"
+    used = used_params(params, kind)
+    work_dir = Path(work_root) / f"{name.replace('@', '-')}-{fingerprint(used, init_from)}"
+    last, run_id_file = work_dir / "last.ckpt", work_dir / "mlflow_run_id"
+    resuming = last.is_file() and run_id_file.is_file()
+
+    run = StageRun(
+        params.tracking.experiment,
+        name,
+        {**used, "cell": cell, "init_from": str(init_from)},
+        run_id=run_id_file.read_text().strip() if resuming else None,
     )
-    last = work_dir / "last.ckpt"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run_id_file.write_text(run.run_id)
 
     pl.seed_everything(params.seed, workers=True)
-    datamodule = _datamodule(params, data_dir)
+    datamodule = datamodule_for(params, data_dir)
     config = params.build_model_config(cell, datamodule.vocab_size, ternary=kind == "ternary")
     task = LanguageModelTask(
         config,
@@ -93,36 +123,20 @@ def train(
         lr_patience=recipe.lr_patience,
         eval_seed=params.seed,
     )
-    if last.is_file():
-        print(f"{name}: resuming from {last}", flush=True)
+    if resuming:
+        print(f"{name}: resuming from {last} (MLflow run {run.run_id})", flush=True)
     elif init_from is not None:
         state = torch.load(init_from, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)  # same parameter layout: FP weights load unchanged
 
     out_dir = Path(out_dir)
+    history = EpochHistory(out_dir / "history.csv", name, log_metrics=run.log_metrics)
     best = ModelCheckpoint(
         dirpath=work_dir, filename="best", monitor="val_ppl", mode="min", save_last=True
     )
-    history = EpochHistory(out_dir / "history.csv", name)
-    on_terminal = sys.stderr.isatty()
-    trainer = pl.Trainer(
-        max_epochs=recipe.epochs,
-        gradient_clip_val=recipe.clip,
-        accelerator=params.hardware.accelerator,
-        devices=params.hardware.devices,
-        precision=params.hardware.precision,
-        limit_train_batches=recipe.limit_train_batches,
-        limit_val_batches=recipe.limit_eval_batches,
-        limit_test_batches=recipe.limit_eval_batches,
-        # history before best: each checkpoint then holds the rows up to its own epoch.
-        callbacks=[history, best] + ([TQDMProgressBar(refresh_rate=50)] if on_terminal else []),
-        enable_progress_bar=on_terminal,
-        logger=False,
-        default_root_dir=work_dir,
-        num_sanity_val_steps=0,
-        enable_model_summary=False,
-    )
-    trainer.fit(task, datamodule, ckpt_path=last if last.is_file() else None)
+    # history before best: each checkpoint then holds the rows up to its own epoch.
+    trainer = _trainer(params, recipe, work_dir, [history, best])
+    trainer.fit(task, datamodule, ckpt_path=last if resuming else None)
     metrics = {
         "train_ppl": history.rows[-1]["train_ppl"],
         "val_ppl": float(best.best_model_score),
@@ -131,10 +145,15 @@ def train(
     # Testing restores the best checkpoint, callback states included: read history first.
     (test,) = trainer.test(task, datamodule, ckpt_path=best.best_model_path, verbose=False)
     metrics["test_ppl"] = float(test["test_ppl"])
+
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best.best_model_path, out_dir / "model.ckpt")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(work_dir, ignore_errors=True)  # finished: nothing left to resume
+    run.log_metrics({"test_ppl": metrics["test_ppl"]}, step=metrics["epochs"])
+    for artifact in ("metrics.json", "history.csv", "model.ckpt"):
+        run.log_artifact(out_dir / artifact)
+    run.finish()  # raises, naming the server, if MLflow still cannot take the metrics
+    shutil.rmtree(work_dir, ignore_errors=True)  # finished and recorded: nothing to resume
     print(f"{name}: test_ppl {metrics['test_ppl']:.2f} (best val_ppl {metrics['val_ppl']:.2f})")
     return metrics
 

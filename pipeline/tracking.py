@@ -1,0 +1,143 @@
+"""MLflow wiring: one run per stage execution, per-epoch metrics with step = epoch.
+
+The store is ``sqlite:///mlflow.db`` in the working directory unless ``MLFLOW_TRACKING_URI``
+names another (a tracking server, say). A server that cannot be reached is an error at stage
+start, before any training. During training a failed MLflow call does not stop the run: the
+metrics are on disk already (DVC's files) and the call is retried at the next epoch and at
+the end, where a server still down is an error that names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+REACHABILITY_TIMEOUT_S = 10
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used; the message names its URI."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_reachable(uri: str) -> None:
+    """Fails fast, naming the URI, when a tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=REACHABILITY_TIMEOUT_S):
+            pass
+    except (urllib.error.URLError, TimeoutError, OSError) as error:
+        raise TrackingError(
+            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {error}. "
+            "Start it, or unset MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db."
+        ) from None
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}: MLflow params are flat strings."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | bool) else str(value)
+    return flat
+
+
+def params_hash(values: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def git_commit() -> str:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip()
+
+
+class StageRun:
+    """An MLflow run for one stage execution; ``run_id`` lets a resumed stage continue it."""
+
+    def __init__(
+        self,
+        experiment: str,
+        stage: str,
+        params: Mapping[str, Any],
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.uri = tracking_uri()
+        check_reachable(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self._pending: list[Metric] = []
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        tags = {
+            "dvc.stage": stage,
+            "git.commit": git_commit(),
+            "params.hash": params_hash(params),
+        }
+        if parent_run_id is not None:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self._experiment_id(experiment), run_name=stage, tags=tags)
+        self.run_id = run.info.run_id
+        flat = [Param(key, value) for key, value in flatten(params).items()]
+        for start in range(0, len(flat), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.run_id, params=flat[start : start + 100])
+
+    def _experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        return self.client.create_experiment(name)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queues the metrics and tries to send everything queued; never raises."""
+        now = int(time.time() * 1000)
+        self._pending += [Metric(key, float(v), now, step) for key, v in metrics.items()]
+        self.flush(raise_on_error=False)
+
+    def flush(self, raise_on_error: bool = True) -> None:
+        if not self._pending:
+            return
+        try:
+            for start in range(0, len(self._pending), 1000):
+                self.client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+        except Exception as error:  # any transport or server error: keep the metrics queued
+            if raise_on_error:
+                raise TrackingError(
+                    f"could not log {len(self._pending)} metric values to MLflow at "
+                    f"{self.uri}: {error}"
+                ) from error
+            print(f"warning: MLflow at {self.uri} failed ({error}); will retry", flush=True)
+            return
+        self._pending = []
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = RunStatus.to_string(RunStatus.FINISHED)) -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)
