@@ -24,7 +24,8 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "300" or true is not silently taken for the number 300 or 1
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataParams(Section):
@@ -155,6 +156,8 @@ def load_params(path: Path = Path("params.yaml")) -> Params:
         raise ParamsError(f"{path}: file not found (every stage reads its settings from it)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ParamsError(f"{path} cannot be read: {error}") from None
     except yaml.YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from None
     return parse_params(raw, str(path))

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import shutil
 import tempfile
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 from hitnet.data import SPLIT_FILES, CorpusError, load_corpus
 from pipeline.params import DataParams, load_params
+from pipeline.tracking import StageRun
 
 # sha256 of the three files of Mikolov's preprocessed PTB (../shared/data/ptb/README.md).
 PTB_SHA256 = {
@@ -49,7 +50,7 @@ def fetch(data: DataParams, name: str, dest: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
             dest.write_bytes(response.read())
-    except (urllib.error.URLError, TimeoutError, OSError) as error:
+    except (OSError, ValueError, http.client.HTTPException) as error:  # URLError is an OSError
         raise CorpusError(f"download of {name} from {url} failed: {error}") from None
 
 
@@ -89,7 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=Path("data/ptb"))
     args = parser.parse_args(argv)
-    stats = prepare(load_params(args.params).data, args.out)
+    params = load_params(args.params)
+    with StageRun(params.tracking.experiment, "prepare", {"data": params.data.model_dump()}) as run:
+        stats = prepare(params.data, args.out)
+        run.log_metrics(stats, step=0)
+        run.log_artifact(args.out / "stats.json")
     print(f"prepare: wrote {args.out} {stats}", flush=True)
 
 

@@ -141,8 +141,8 @@ def plot(
     plt.close(figure)
 
 
-def report(params: Params, runs_dir: Path, data_dir: Path, out_dir: Path) -> dict:
-    run = StageRun(params.tracking.experiment, "report", params.model_dump(include={"report"}))
+def evaluate_models(params: Params, runs_dir: Path, data_dir: Path) -> tuple[dict, dict]:
+    """(test perplexity summaries, validation histories), by cell then kind."""
     results: dict[str, dict[str, dict[str, float]]] = {}
     histories: dict[str, dict[str, list[dict[str, float]]]] = {}
     for cell in params.cells:
@@ -156,32 +156,36 @@ def report(params: Params, runs_dir: Path, data_dir: Path, out_dir: Path) -> dic
             )
             results[cell][kind] = summarize(perplexities)
             histories[cell][kind] = _read_history(model_dir / "history.csv")
+    return results, histories
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {
-        f"{cell}_{kind}_test_ppl": round(value["mean"], 3)
-        for cell, kinds in results.items()
-        for kind, value in kinds.items()
-    }
-    metrics |= {
-        f"{cell}_ternary_test_ppl_std": round(kinds["ternary"]["std"], 3)
-        for cell, kinds in results.items()
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    table = markdown_table(results, params.quant.btq_eval)
-    (out_dir / "README.md").write_text(
-        "# HitNet on PTB: test perplexity per word\n\n"
-        + table
-        + "\n![learning curves and test perplexities](curves.png)\n",
-        encoding="utf-8",
-    )
-    plot(histories, results, out_dir / "curves.png")
 
-    run.log_metrics(metrics, step=0)
-    for name in ("README.md", "metrics.json", "curves.png"):
-        run.log_artifact(out_dir / name, "report")
-    run.finish()
+def report(params: Params, runs_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    used = params.model_dump(include={"cells", "report", "hardware"})
+    with StageRun(params.tracking.experiment, "report", used) as run:
+        results, histories = evaluate_models(params, runs_dir, data_dir)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {
+            f"{cell}_{kind}_test_ppl": round(value["mean"], 3)
+            for cell, kinds in results.items()
+            for kind, value in kinds.items()
+        }
+        metrics |= {
+            f"{cell}_ternary_test_ppl_std": round(kinds["ternary"]["std"], 3)
+            for cell, kinds in results.items()
+        }
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", "utf-8")
+        table = markdown_table(results, params.quant.btq_eval)
+        (out_dir / "README.md").write_text(
+            "# HitNet on PTB: test perplexity per word\n\n"
+            + table
+            + "\n![learning curves and test perplexities](curves.png)\n",
+            encoding="utf-8",
+        )
+        plot(histories, results, out_dir / "curves.png")
+        run.log_metrics(metrics, step=0)
+        for name in ("README.md", "metrics.json", "curves.png"):
+            run.log_artifact(out_dir / name, "report")
     print(table, flush=True)
     return metrics
 

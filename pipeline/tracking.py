@@ -9,6 +9,7 @@ the end, where a server still down is an error that names it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REACHABILITY_TIMEOUT_S = 10
@@ -90,9 +91,11 @@ class StageRun:
         check_reachable(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self._pending: list[Metric] = []
+        self._logged: set[tuple[str, int]] = set()
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
+            self._logged = self._logged_steps()
             return
         tags = {
             "dvc.stage": stage,
@@ -113,10 +116,24 @@ class StageRun:
             return experiment.experiment_id
         return self.client.create_experiment(name)
 
+    def _logged_steps(self) -> set[tuple[str, int]]:
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {
+            (key, metric.step)
+            for key in keys
+            for metric in self.client.get_metric_history(self.run_id, key)
+        }
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queues the metrics and tries to send everything queued; never raises."""
+        """Queues the metrics and tries to send everything queued; never raises.
+
+        A resumed run replays the epochs after its last checkpoint; resume is exact, so a
+        (key, step) the interrupted run already logged is not logged twice.
+        """
         now = int(time.time() * 1000)
-        self._pending += [Metric(key, float(v), now, step) for key, v in metrics.items()]
+        fresh = {key: v for key, v in metrics.items() if (key, step) not in self._logged}
+        self._pending += [Metric(key, float(v), now, step) for key, v in fresh.items()]
+        self._logged |= {(key, step) for key in fresh}
         self.flush(raise_on_error=False)
 
     def flush(self, raise_on_error: bool = True) -> None:
@@ -138,6 +155,17 @@ class StageRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def finish(self, status: str = RunStatus.to_string(RunStatus.FINISHED)) -> None:
+    def finish(self) -> None:
         self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        self.client.set_terminated(self.run_id, status="FINISHED")
+
+    def __enter__(self) -> StageRun:
+        return self
+
+    def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
+        """An exception marks the run FAILED (best effort) and goes on; success finishes it."""
+        if error_type is None:
+            self.finish()
+            return
+        with contextlib.suppress(Exception):
+            self.client.set_terminated(self.run_id, status="FAILED")

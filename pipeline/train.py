@@ -16,6 +16,7 @@ import hashlib
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -98,21 +99,53 @@ def train(
     if init_from is not None and not Path(init_from).is_file():
         raise FileNotFoundError(f"--init {init_from}: no full-precision checkpoint there")
     name = stage_name(kind, cell)
-    recipe = params.train_fp if kind == "fp" else params.train_ternary
     used = used_params(params, kind)
     work_dir = Path(work_root) / f"{name.replace('@', '-')}-{fingerprint(used, init_from)}"
     last, run_id_file = work_dir / "last.ckpt", work_dir / "mlflow_run_id"
     resuming = last.is_file() and run_id_file.is_file()
 
-    run = StageRun(
+    with StageRun(
         params.tracking.experiment,
         name,
         {**used, "cell": cell, "init_from": str(init_from)},
         run_id=run_id_file.read_text().strip() if resuming else None,
-    )
-    work_dir.mkdir(parents=True, exist_ok=True)
-    run_id_file.write_text(run.run_id)
+    ) as run:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        run_id_file.write_text(run.run_id)
+        if resuming:
+            print(f"{name}: resuming from {last} (MLflow run {run.run_id})", flush=True)
+        metrics = _fit_and_test(
+            params,
+            cell,
+            kind,
+            data_dir,
+            Path(out_dir),
+            work_dir,
+            init_from=None if resuming else init_from,
+            log_metrics=run.log_metrics,
+        )
+        run.log_metrics({"test_ppl": metrics["test_ppl"]}, step=metrics["epochs"])
+        for artifact in ("metrics.json", "history.csv", "model.ckpt"):
+            run.log_artifact(Path(out_dir) / artifact)
+    # Leaving the block finished the run, or raised naming the server if MLflow still cannot
+    # take the metrics, in which case the checkpoints stay for the rerun.
+    shutil.rmtree(work_dir, ignore_errors=True)
+    print(f"{name}: test_ppl {metrics['test_ppl']:.2f} (best val_ppl {metrics['val_ppl']:.2f})")
+    return metrics
 
+
+def _fit_and_test(
+    params: Params,
+    cell: CellType,
+    kind: Kind,
+    data_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    init_from: Path | None,
+    log_metrics: Callable[[dict[str, float], int], None],
+) -> dict[str, float]:
+    """Fits from scratch, from ``init_from`` or from ``work_dir/last.ckpt``; writes out_dir."""
+    recipe = params.train_fp if kind == "fp" else params.train_ternary
     pl.seed_everything(params.seed, workers=True)
     datamodule = datamodule_for(params, data_dir)
     config = params.build_model_config(cell, datamodule.vocab_size, ternary=kind == "ternary")
@@ -123,20 +156,18 @@ def train(
         lr_patience=recipe.lr_patience,
         eval_seed=params.seed,
     )
-    if resuming:
-        print(f"{name}: resuming from {last} (MLflow run {run.run_id})", flush=True)
-    elif init_from is not None:
+    if init_from is not None:
         state = torch.load(init_from, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)  # same parameter layout: FP weights load unchanged
 
-    out_dir = Path(out_dir)
-    history = EpochHistory(out_dir / "history.csv", name, log_metrics=run.log_metrics)
+    history = EpochHistory(out_dir / "history.csv", stage_name(kind, cell), log_metrics)
     best = ModelCheckpoint(
         dirpath=work_dir, filename="best", monitor="val_ppl", mode="min", save_last=True
     )
+    last = work_dir / "last.ckpt"
     # history before best: each checkpoint then holds the rows up to its own epoch.
     trainer = _trainer(params, recipe, work_dir, [history, best])
-    trainer.fit(task, datamodule, ckpt_path=last if resuming else None)
+    trainer.fit(task, datamodule, ckpt_path=last if last.is_file() else None)
     metrics = {
         "train_ppl": history.rows[-1]["train_ppl"],
         "val_ppl": float(best.best_model_score),
@@ -149,12 +180,6 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(best.best_model_path, out_dir / "model.ckpt")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    run.log_metrics({"test_ppl": metrics["test_ppl"]}, step=metrics["epochs"])
-    for artifact in ("metrics.json", "history.csv", "model.ckpt"):
-        run.log_artifact(out_dir / artifact)
-    run.finish()  # raises, naming the server, if MLflow still cannot take the metrics
-    shutil.rmtree(work_dir, ignore_errors=True)  # finished and recorded: nothing to resume
-    print(f"{name}: test_ppl {metrics['test_ppl']:.2f} (best val_ppl {metrics['val_ppl']:.2f})")
     return metrics
 
 

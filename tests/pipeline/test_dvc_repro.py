@@ -1,0 +1,127 @@
+"""End to end: `dvc repro` of the whole pipeline on a smoke configuration, real DVC + MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.pipeline.conftest import run_tool, tool_env
+
+STAGES = [
+    "prepare",
+    "train_fp@lstm",
+    "train_fp@gru",
+    "train_ternary@lstm",
+    "train_ternary@gru",
+    "report",
+]
+TRAINING = [stage for stage in STAGES if stage.startswith("train")]
+
+
+def _runs_by_stage(project: Path) -> dict[str, list]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("hitnet-ptb")
+    runs: dict[str, list] = {}
+    for run in client.search_runs([experiment.experiment_id]):
+        runs.setdefault(run.data.tags["dvc.stage"], []).append(run)
+    return runs
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage_records_everything_and_is_then_a_no_op(smoke_project):
+    project = smoke_project
+    run_tool(project, "dvc", "repro")
+
+    lock = (project / "dvc.lock").read_text()
+    for stage in STAGES:
+        assert f"{stage}:" in lock
+
+    shown = json.loads(run_tool(project, "dvc", "metrics", "show", "--json").stdout)
+    metrics = next(iter(shown.values()))["data"]
+    for kind in ("fp", "ternary"):
+        for cell in ("lstm", "gru"):
+            values = metrics[f"runs/{kind}/{cell}/metrics.json"]["data"]
+            for key in ("train_ppl", "val_ppl", "test_ppl"):
+                assert math.isfinite(values[key]) and values[key] > 1, (kind, cell, key)
+    report_metrics = metrics["report/metrics.json"]["data"]
+    assert set(report_metrics) >= {"lstm_fp_test_ppl", "gru_ternary_test_ppl_std"}
+
+    report = (project / "report" / "README.md").read_text()
+    assert "| LSTM |" in report and "| GRU |" in report and "110.3" in report
+    assert (project / "report" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    runs = _runs_by_stage(project)
+    assert sorted(runs) == sorted(STAGES)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    for stage in TRAINING:
+        (run,) = runs[stage]
+        assert run.info.status == "FINISHED" and run.info.run_name == stage
+        assert len(run.data.tags["git.commit"]) == 40
+        history = client.get_metric_history(run.info.run_id, "val_ppl")
+        assert [m.step for m in history] == [1, 2]
+        assert math.isfinite(run.data.metrics["test_ppl"])
+        assert "train_fp.lr" in run.data.params or "train_ternary.lr" in run.data.params
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"model.ckpt", "metrics.json", "history.csv"} <= artifacts
+    (report_run,) = runs["report"]
+    assert {a.path for a in client.list_artifacts(report_run.info.run_id, "report")} >= {
+        "report/README.md",
+        "report/curves.png",
+    }
+
+    second = run_tool(project, "dvc", "repro")
+    assert "Data and pipelines are up to date" in second.stdout
+    assert len(_runs_by_stage(project)) == len(STAGES)  # nothing ran: no new run
+
+    plots = run_tool(project, "dvc", "plots", "show", "-o", str(project / "plots"))
+    assert (project / "plots" / "index.html").is_file(), plots.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_training_stage_resumes_from_its_checkpoint(smoke_project):
+    project = smoke_project
+    from tests.pipeline.conftest import write_params
+
+    write_params(project, {"train_fp": {"epochs": 4, "limit_train_batches": 60}})
+    run_tool(project, "git", "commit", "-qam", "longer fp training")
+    run_tool(project, "dvc", "repro", "prepare")
+
+    history = project / "runs" / "fp" / "lstm" / "history.csv"
+    stage = subprocess.Popen(
+        ["dvc", "repro", "--single-item", "train_fp@lstm"],
+        cwd=project,
+        env=tool_env(project),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (history.is_file() and len(history.read_text().splitlines()) >= 3):  # 2 epochs
+        assert stage.poll() is None, "the stage ended before it could be killed"
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.05)
+    os.killpg(stage.pid, signal.SIGKILL)  # power loss: no clean-up of any kind
+    stage.wait()
+    epochs_before_kill = len(history.read_text().splitlines()) - 1
+    assert epochs_before_kill < 4
+
+    rerun = run_tool(project, "dvc", "repro", "--single-item", "train_fp@lstm")
+    assert "resuming from" in rerun.stdout
+    assert f"epoch {epochs_before_kill + 1}/4" in rerun.stdout
+    assert "epoch 1/4" not in rerun.stdout  # did not start over
+
+    rows = history.read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == [1, 2, 3, 4]
+    (run,) = _runs_by_stage(project)["train_fp@lstm"]  # the same MLflow run went on
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")]
+    assert sorted(steps) == [1, 2, 3, 4] and run.info.status == "FINISHED"
+    assert not any((project / "checkpoints").iterdir())  # finished: resume state cleaned up

@@ -1,0 +1,242 @@
+"""pipeline/params.py: params.yaml is typed once; a bad value names its dotted key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hitnet.quantizers import QuantConfig
+from pipeline.params import ParamsError, load_params, parse_params
+from tests.conftest import REPO_ROOT
+
+REPO_PARAMS = REPO_ROOT / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def repo_raw() -> dict[str, Any]:
+    """The repository's params.yaml, parsed but not validated."""
+    return yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
+
+
+def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``changes`` merged in, section by section."""
+    merged = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_update(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def test_repo_params_give_the_classic_recipe() -> None:
+    params = load_params(REPO_PARAMS)
+    assert params.cells == ["lstm", "gru"]
+    assert params.model.embedding_size == 300
+    assert params.model.hidden_size == 300
+    assert params.model.num_layers == 1
+    assert params.model.dropout == 0.5
+    assert params.data.batch_size == 20
+    assert params.data.bptt == 35
+    for train in (params.train_fp, params.train_ternary):
+        assert train.lr == 20.0
+        assert train.clip == 0.25
+        assert train.epochs == 40
+        assert train.lr_decay == 0.25
+    assert params.quant.weight == "ttq"
+    assert params.quant.activation == "btq"
+
+
+def test_repo_params_parse_from_the_raw_dict(repo_raw: dict[str, Any]) -> None:
+    assert parse_params(repo_raw) == load_params(REPO_PARAMS)
+
+
+BAD_VALUES = [
+    pytest.param(
+        {"model": {"hidden_size": "big"}},
+        "model.hidden_size",
+        "valid integer",
+        id="wrong-type",
+    ),
+    pytest.param({"sed": 0}, "sed", "Extra inputs are not permitted", id="unknown-top-level"),
+    pytest.param(
+        {"model": {"hiden_size": 300}},
+        "model.hiden_size",
+        "Extra inputs are not permitted",
+        id="unknown-in-section",
+    ),
+    pytest.param(
+        {"quant": {"lambda_sigma": -1}},
+        "quant.lambda_sigma",
+        "greater than 0",
+        id="negative-slope",
+    ),
+    pytest.param(
+        {"quant": {"ttq_threshold": 5}},
+        "quant.ttq_threshold",
+        "less than or equal to 3",
+        id="threshold-too-high",
+    ),
+    pytest.param(
+        {"quant": {"ttq_threshold": -0.1}},
+        "quant.ttq_threshold",
+        "greater than or equal to 0",
+        id="threshold-negative",
+    ),
+    pytest.param({"cells": ["lstm", "rnn"]}, "cells", "'lstm' or 'gru'", id="unknown-cell"),
+    pytest.param(
+        {"quant": {"weight": "btq"}},
+        "quant.weight",
+        "'none', 'ttq' or 'uq'",
+        id="weight-quantizer-btq",
+    ),
+    pytest.param(
+        {"data": {"batch_size": 0}},
+        "data.batch_size",
+        "greater than or equal to 1",
+        id="zero-batch",
+    ),
+    pytest.param(
+        {"train_fp": {"lr_decay": 1.5}},
+        "train_fp.lr_decay",
+        "less than 1",
+        id="lr-decay-above-one",
+    ),
+    pytest.param(
+        {"report": {"eval_seeds": []}},
+        "report.eval_seeds",
+        "at least 1 item",
+        id="no-eval-seeds",
+    ),
+    pytest.param(
+        {"hardware": {"precision": "8-bit"}},
+        "hardware.precision",
+        "'32-true', '16-mixed' or 'bf16-mixed'",
+        id="unknown-precision",
+    ),
+    pytest.param(
+        {"model": {"tie_weights": True, "embedding_size": 200}},
+        "model.tie_weights",
+        "model.embedding_size == model.hidden_size",
+        id="tie-unequal-sizes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("changes", "key", "expected"), BAD_VALUES)
+def test_bad_value_names_key_and_expectation(
+    repo_raw: dict[str, Any], changes: dict[str, Any], key: str, expected: str
+) -> None:
+    with pytest.raises(ParamsError) as caught:
+        parse_params(deep_update(repo_raw, changes))
+    message = str(caught.value)
+    assert "params.yaml is invalid" in message
+    assert key in message
+    assert expected in message
+
+
+def test_bad_value_message_names_the_source(repo_raw: dict[str, Any]) -> None:
+    raw = deep_update(repo_raw, {"data": {"bptt": 0}})
+    with pytest.raises(ParamsError, match=r"^custom\.yaml is invalid"):
+        parse_params(raw, "custom.yaml")
+
+
+def test_missing_params_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "params.yaml"
+    with pytest.raises(ParamsError, match="file not found") as caught:
+        load_params(path)
+    assert str(path) in str(caught.value)
+
+
+def test_invalid_yaml_is_a_params_error(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("model: {hidden_size: 300\ndata: [\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match="is not valid YAML") as caught:
+        load_params(path)
+    assert str(path) in str(caught.value)
+
+
+def test_load_params_reports_bad_value_with_the_path(
+    tmp_path: Path, repo_raw: dict[str, Any]
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(deep_update(repo_raw, {"seed": -1})), encoding="utf-8")
+    with pytest.raises(ParamsError, match="seed") as caught:
+        load_params(path)
+    assert f"{path} is invalid" in str(caught.value)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_full_precision_model_config(cell: str) -> None:
+    params = load_params(REPO_PARAMS)
+    config = params.build_model_config(cell, vocab_size=10_000, ternary=False)
+    assert config.vocab_size == 10_000
+    assert config.cell == cell
+    assert config.embedding_size == 300
+    assert config.hidden_size == 300
+    assert config.num_layers == 1
+    assert config.dropout == 0.5
+    assert config.tie_weights is False
+    assert config.quant == QuantConfig()
+    assert config.quant.weight == "none"
+    assert config.quant.activation == "none"
+    assert config.lambda_sigma == 1.0
+    assert config.lambda_tanh == 1.0
+    assert config.ternary_embedding_decoder is False
+
+
+def test_full_precision_ignores_quant_section(repo_raw: dict[str, Any]) -> None:
+    raw = deep_update(
+        repo_raw,
+        {"quant": {"lambda_sigma": 2.5, "lambda_tanh": 3.0, "ternary_embedding_decoder": True}},
+    )
+    config = parse_params(raw).build_model_config("lstm", vocab_size=50, ternary=False)
+    assert config.quant == QuantConfig()
+    assert config.lambda_sigma == 1.0
+    assert config.lambda_tanh == 1.0
+    assert config.ternary_embedding_decoder is False
+
+
+def test_ternary_model_config_takes_the_quant_section(repo_raw: dict[str, Any]) -> None:
+    quant = {
+        "weight": "uq",
+        "activation": "ttq",
+        "activations": ["gates", "hidden"],
+        "ttq_threshold": 0.5,
+        "ttq_scaled": False,
+        "uq_bits": 3,
+        "btq_eval": "deterministic",
+        "lambda_sigma": 2.5,
+        "lambda_tanh": 3.0,
+        "ternary_embedding_decoder": True,
+    }
+    params = parse_params(deep_update(repo_raw, {"quant": quant}))
+    config = params.build_model_config("gru", vocab_size=50, ternary=True)
+    assert config.cell == "gru"
+    assert config.quant == QuantConfig(
+        weight="uq",
+        activation="ttq",
+        activations=frozenset({"gates", "hidden"}),
+        ttq_threshold=0.5,
+        ttq_scaled=False,
+        uq_bits=3,
+        btq_eval="deterministic",
+    )
+    assert config.lambda_sigma == 2.5
+    assert config.lambda_tanh == 3.0
+    assert config.ternary_embedding_decoder is True
+
+
+def test_ternary_model_config_from_repo_params() -> None:
+    params = load_params(REPO_PARAMS)
+    config = params.build_model_config("lstm", vocab_size=10_000, ternary=True)
+    assert config.quant == params.quant.to_config()
+    assert config.quant.weight == "ttq"
+    assert config.quant.activation == "btq"
+    assert config.quant.activations == frozenset({"gates", "candidate", "hidden"})
+    assert config.quant.ttq_threshold == 0.7
+    assert config.quant != QuantConfig()

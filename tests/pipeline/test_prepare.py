@@ -1,0 +1,243 @@
+"""pipeline/prepare.py: PTB from a folder or a download, checksum-verified, written at once."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hitnet.data import SPLIT_FILES, CorpusError
+from pipeline.params import DataParams
+from pipeline.prepare import PTB_SHA256, main, prepare
+from tests.conftest import REPO_ROOT
+
+PTB_TOKENS = {"train_tokens": 929_589, "valid_tokens": 73_760, "test_tokens": 82_430}
+PTB_STATS = {**PTB_TOKENS, "vocab_size": 10_000}
+OUTPUT_FILES = {*SPLIT_FILES.values(), "vocab.txt", "stats.json"}
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
+    """(folder, url): a real HTTP server on 127.0.0.1 serving an initially empty folder."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    for name in ("no_proxy", "NO_PROXY"):  # urllib must not send 127.0.0.1 through a proxy
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def copy_ptb(ptb_dir: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SPLIT_FILES.values():
+        shutil.copyfile(ptb_dir / name, dest / name)
+    return dest
+
+
+def change_one_word(path: Path, old: str = " consumers ", new: str = " the ") -> None:
+    """Replaces the first ``old`` with ``new`` (both in PTB's vocabulary): same token count."""
+    text = path.read_text(encoding="utf-8")
+    assert old in text
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    return {p.name: (sha256(p), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def assert_complete_output(out: Path, stats: dict[str, int]) -> None:
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+    assert stats == PTB_STATS
+    assert json.loads((out / "stats.json").read_text(encoding="utf-8")) == stats
+    vocab = (out / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert len(vocab) == 10_000
+    assert len(set(vocab)) == 10_000
+    assert "<eos>" in vocab
+    assert "<unk>" in vocab
+
+
+def assert_no_staging(parent: Path, *keep: str) -> None:
+    assert sorted(p.name for p in parent.iterdir()) == sorted(keep)
+
+
+def test_local_source(ptb_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "data" / "ptb"
+    stats = prepare(DataParams(source=str(ptb_dir)), out)
+    assert_complete_output(out, stats)
+    for name, digest in PTB_SHA256.items():
+        assert sha256(out / name) == digest
+    assert_no_staging(out.parent, "ptb")
+
+
+def test_local_source_replaces_an_older_output(ptb_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ptb"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older run\n", encoding="utf-8")
+    stats = prepare(DataParams(source=str(ptb_dir)), out)
+    assert_complete_output(out, stats)
+    assert_no_staging(tmp_path, "ptb")
+
+
+def test_local_source_missing_file_names_the_path(ptb_dir: Path, tmp_path: Path) -> None:
+    source = copy_ptb(ptb_dir, tmp_path / "source")
+    (source / "ptb.test.txt").unlink()
+    out = tmp_path / "data" / "ptb"
+    with pytest.raises(CorpusError, match="not found") as caught:
+        prepare(DataParams(source=str(source)), out)
+    assert str(source / "ptb.test.txt") in str(caught.value)
+    assert not out.exists()
+    assert_no_staging(out.parent)
+
+
+def test_download_accepts_good_files(
+    ptb_dir: Path, tmp_path: Path, server: tuple[Path, str]
+) -> None:
+    folder, url = server
+    copy_ptb(ptb_dir, folder)
+    out = tmp_path / "data" / "ptb"
+    stats = prepare(DataParams(source=None, url=url), out)
+    assert_complete_output(out, stats)
+    assert_no_staging(out.parent, "ptb")
+
+
+def test_download_accepts_url_with_trailing_slash(
+    ptb_dir: Path, tmp_path: Path, server: tuple[Path, str]
+) -> None:
+    folder, url = server
+    copy_ptb(ptb_dir, folder)
+    stats = prepare(DataParams(source=None, url=f"{url}/"), tmp_path / "ptb")
+    assert stats == PTB_STATS
+
+
+def test_download_rejects_corrupt_file(
+    ptb_dir: Path, tmp_path: Path, server: tuple[Path, str]
+) -> None:
+    folder, url = server
+    copy_ptb(ptb_dir, folder)
+    change_one_word(folder / "ptb.valid.txt")
+    out = tmp_path / "data" / "ptb"
+    with pytest.raises(CorpusError) as caught:
+        prepare(DataParams(source=None, url=url), out)
+    message = str(caught.value)
+    assert "ptb.valid.txt" in message
+    assert "sha256" in message
+    assert "does not match" in message
+    assert PTB_SHA256["ptb.valid.txt"] in message
+    assert not out.exists()
+    assert_no_staging(out.parent)
+
+
+def test_failed_prepare_leaves_older_output_untouched(
+    ptb_dir: Path, tmp_path: Path, server: tuple[Path, str]
+) -> None:
+    out = tmp_path / "data" / "ptb"
+    prepare(DataParams(source=str(ptb_dir)), out)
+    before = snapshot(out)
+    folder, url = server
+    copy_ptb(ptb_dir, folder)
+    change_one_word(folder / "ptb.test.txt")
+    with pytest.raises(CorpusError, match=r"ptb\.test\.txt: sha256 .* does not match"):
+        prepare(DataParams(source=None, url=url), out)
+    assert snapshot(out) == before
+    assert_no_staging(out.parent, "ptb")
+
+
+def test_download_missing_file_names_it(
+    ptb_dir: Path, tmp_path: Path, server: tuple[Path, str]
+) -> None:
+    folder, url = server
+    copy_ptb(ptb_dir, folder)
+    (folder / "ptb.test.txt").unlink()  # the server answers 404
+    out = tmp_path / "data" / "ptb"
+    with pytest.raises(CorpusError) as caught:
+        prepare(DataParams(source=None, url=url), out)
+    message = str(caught.value)
+    assert "ptb.test.txt" in message
+    assert "download" in message
+    assert "404" in message
+    assert f"{url}/ptb.test.txt" in message
+    assert not out.exists()
+    assert_no_staging(out.parent)
+
+
+def test_unreachable_server_is_a_corpus_error(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port that nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(CorpusError, match=r"download of ptb\.train\.txt .* failed"):
+        prepare(DataParams(source=None, url=f"http://127.0.0.1:{port}"), tmp_path / "ptb")
+    assert_no_staging(tmp_path)
+
+
+def test_verify_checksums_off_accepts_a_modified_corpus(ptb_dir: Path, tmp_path: Path) -> None:
+    source = copy_ptb(ptb_dir, tmp_path / "source")
+    change_one_word(source / "ptb.valid.txt")
+    out = tmp_path / "data" / "ptb"
+    with pytest.raises(CorpusError, match="does not match"):
+        prepare(DataParams(source=str(source)), out)
+    stats = prepare(DataParams(source=str(source), verify_checksums=False), out)
+    assert_complete_output(out, stats)
+    assert (out / "ptb.valid.txt").read_bytes() == (source / "ptb.valid.txt").read_bytes()
+    assert sha256(out / "ptb.valid.txt") != PTB_SHA256["ptb.valid.txt"]
+
+
+@pytest.mark.slow
+def test_main_writes_data_and_logs_an_mlflow_run(
+    ptb_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw["data"]["source"] = str(ptb_dir)
+    raw["tracking"]["experiment"] = "prepare-test"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.chdir(tmp_path)
+
+    main([])  # defaults: --params params.yaml --out data/ptb
+
+    out = tmp_path / "data" / "ptb"
+    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+    assert_complete_output(out, stats)
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("prepare-test")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_name == "prepare"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dvc.stage"] == "prepare"
+    assert run.data.params["data.source"] == str(ptb_dir)
+    assert run.data.params["data.verify_checksums"] == "true"
+    assert run.data.metrics == {key: float(value) for key, value in PTB_STATS.items()}
+    artifacts = [info.path for info in client.list_artifacts(run.info.run_id)]
+    assert artifacts == ["stats.json"]

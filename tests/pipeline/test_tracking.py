@@ -1,0 +1,81 @@
+"""MLflow wiring against a real SQLite store; an unreachable server fails before training."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.params import Params
+from pipeline.tracking import StageRun, TrackingError, flatten, params_hash, tracking_uri
+from pipeline.train import train
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when the socket is
+
+
+def test_tracking_uri_defaults_to_local_sqlite(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_flatten_and_hash():
+    values = {"quant": {"weight": "ttq", "activations": ["gates"]}, "seed": 0, "x": True}
+    assert flatten(values) == {
+        "quant.weight": "ttq",
+        "quant.activations": '["gates"]',
+        "seed": "0",
+        "x": "true",
+    }
+    assert params_hash(values) == params_hash(dict(reversed(values.items())))
+    assert params_hash(values) != params_hash({**values, "seed": 1})
+
+
+def test_stage_run_records_params_tags_and_per_epoch_metrics(sqlite_uri):
+    run = StageRun("exp", "train_fp@lstm", {"train_fp": {"lr": 20.0}, "seed": 0})
+    run.log_metrics({"val_ppl": 120.0}, step=1)
+    run.log_metrics({"val_ppl": 110.0}, step=2)
+    run.finish()
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    stored = client.get_run(run.run_id)
+    assert stored.info.run_name == "train_fp@lstm" and stored.info.status == "FINISHED"
+    assert stored.data.params == {"train_fp.lr": "20.0", "seed": "0"}
+    assert stored.data.tags["dvc.stage"] == "train_fp@lstm"
+    assert len(stored.data.tags["params.hash"]) == 12
+    history = client.get_metric_history(run.run_id, "val_ppl")
+    assert [(m.step, m.value) for m in history] == [(1, 120.0), (2, 110.0)]
+
+
+def test_a_resumed_run_does_not_log_a_replayed_epoch_twice(sqlite_uri):
+    first = StageRun("exp", "train_fp@gru", {})
+    first.log_metrics({"val_ppl": 120.0}, step=1)
+    first.log_metrics({"val_ppl": 110.0}, step=2)  # logged, then killed before its checkpoint
+    resumed = StageRun("exp", "train_fp@gru", {}, run_id=first.run_id)
+    resumed.log_metrics({"val_ppl": 110.0}, step=2)  # the replayed epoch
+    resumed.log_metrics({"val_ppl": 100.0}, step=3)
+    resumed.finish()
+    history = MlflowClient(tracking_uri=sqlite_uri).get_metric_history(first.run_id, "val_ppl")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def test_unreachable_tracking_server_fails_before_any_training(tmp_path, monkeypatch, ptb_dir):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = Params.model_validate({"data": {"max_tokens": 1000}})
+    with pytest.raises(TrackingError, match=f"MLflow tracking server {uri}.*not reachable"):
+        train(params, "lstm", "fp", ptb_dir, tmp_path / "out", work_root=tmp_path / "ck")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
