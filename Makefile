@@ -35,9 +35,9 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# The stages' commands run `python -m pipeline...`: the venv goes first on PATH.
 repro: $(STAMP)
-	$(BIN)/python -m pipeline.prepare
-	$(BIN)/python -m pipeline.train fp lstm
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_time.py

@@ -13,12 +13,14 @@ recurrence below, one time step at a time:
     GRU:  r, z = Q_g(sigmoid(ls * .)), n = Q_c(tanh(lt * (W_in x + b_in + r * (W_hn h + b_hn)))),
           h_t = Q_h((1 - z) * n + z * h_{t-1})
 
-with weights W = Q_w(W_shadow) quantized once per forward pass.
+with weights W = Q_w(W_shadow) quantized once per forward pass. ``compile_recurrence``
+runs that same recurrence through ``torch.compile`` (the fast path on a GPU).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +28,90 @@ from torch import Tensor, nn
 
 from hitnet.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
 
-# One cell step: (projected input x_t, state, quantized W_hh, b_hh, uniform draws) -> state.
-CellStep = Callable[[Tensor, object, Tensor, Tensor, Tensor | None], object]
+
+class Cell(NamedTuple):
+    """What one cell step needs besides tensors: the quantizers and the sloping factors."""
+
+    weight: WeightQuantizer
+    gates: ActivationQuantizer
+    candidate: ActivationQuantizer
+    hidden: ActivationQuantizer
+    lambda_sigma: float
+    lambda_tanh: float
+
+
+def _slot(uniform: Tensor | None, index: int) -> Tensor | None:
+    return None if uniform is None else uniform[index]
+
+
+def lstm_step(
+    cell: Cell,
+    projected: Tensor,
+    state: tuple[Tensor, Tensor],
+    w_hh: Tensor,
+    b_hh: Tensor,
+    uniform: Tensor | None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One LSTM step; ``uniform`` holds the draws for i, f, g, o, h. Returns (h, (h, c))."""
+    h, c = state
+    i, f, g, o = (projected + F.linear(h, w_hh, b_hh)).chunk(4, dim=1)
+    ls, lt = cell.lambda_sigma, cell.lambda_tanh
+    i = cell.gates(torch.sigmoid(ls * i), _slot(uniform, 0))
+    f = cell.gates(torch.sigmoid(ls * f), _slot(uniform, 1))
+    g = cell.candidate(torch.tanh(lt * g), _slot(uniform, 2))
+    o = cell.gates(torch.sigmoid(ls * o), _slot(uniform, 3))
+    c = f * c + i * g  # the cell state is an accumulator: it stays full precision
+    h = cell.hidden(o * torch.tanh(lt * c), _slot(uniform, 4))
+    return h, (h, c)
+
+
+def gru_step(
+    cell: Cell,
+    projected: Tensor,
+    h: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor,
+    uniform: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """One GRU step; ``uniform`` holds the draws for r, z, n, h. Returns (h, h)."""
+    x_r, x_z, x_n = projected.chunk(3, dim=1)
+    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
+    ls, lt = cell.lambda_sigma, cell.lambda_tanh
+    r = cell.gates(torch.sigmoid(ls * (x_r + h_r)), _slot(uniform, 0))
+    z = cell.gates(torch.sigmoid(ls * (x_z + h_z)), _slot(uniform, 1))
+    n = cell.candidate(torch.tanh(lt * (x_n + r * h_n)), _slot(uniform, 2))
+    h = cell.hidden((1 - z) * n + z * h, _slot(uniform, 3))
+    return h, h
+
+
+Step = Callable[..., tuple[Tensor, object]]
+
+
+def run_layer(
+    step: Step,
+    cell: Cell,
+    weights: tuple[Tensor, Tensor, Tensor, Tensor],
+    layer_input: Tensor,
+    state: object,
+    uniform: Tensor | None,
+) -> tuple[Tensor, object]:
+    """One layer over the whole sequence; a free function so ``torch.compile`` can take it."""
+    w_ih, w_hh, b_ih, b_hh = weights
+    w_ih, w_hh = cell.weight(w_ih), cell.weight(w_hh)  # quantized once per forward pass
+    # The input projection needs no recurrence: one matmul for the whole sequence.
+    projected = F.linear(layer_input, w_ih, b_ih)
+    outputs = []
+    for t in range(layer_input.size(0)):
+        output, state = step(cell, projected[t], state, w_hh, b_hh, _slot(uniform, t))
+        outputs.append(output)
+    return torch.stack(outputs), state
 
 
 class _SlopedRecurrence:
     """What the sloped LSTM and GRU share: quantizers, slopes and the loop over layers."""
 
-    # Uniform draws per unit and step: one slot per quantized activation of a cell.
-    noise_slots: int
+    noise_slots: int  # uniform draws per unit and step: one per quantized activation
+    step: Step
 
     def _init_hitnet(
         self,
@@ -56,6 +133,22 @@ class _SlopedRecurrence:
         self.gate_quantizer = ActivationQuantizer(quant, "gates")
         self.candidate_quantizer = ActivationQuantizer(quant, "candidate")
         self.hidden_quantizer = ActivationQuantizer(quant, "hidden")
+        self.compile_recurrence(None)
+
+    def compile_recurrence(self, mode: str | None = "reduce-overhead") -> None:
+        """Runs each layer's recurrence through ``torch.compile`` (None: back to eager).
+
+        The compiled function is the reference recurrence itself, unrolled over time: the
+        per-step elementwise work fuses into a few kernels and, with ``reduce-overhead``,
+        the sequence replays as CUDA graphs. The Bernoulli draws happen outside it, so both
+        paths ternarize identically for the same seed.
+        """
+        self.compile_mode = mode
+        self._run_layer = (
+            run_layer
+            if mode is None
+            else torch.compile(run_layer, mode=mode, dynamic=False, fullgraph=True)
+        )
 
     @property
     def uses_fused_kernel(self) -> bool:
@@ -74,12 +167,14 @@ class _SlopedRecurrence:
                 f"{self.input_size}), got {tuple(input.shape)}"
             )
 
-    def _quantized_weights(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return (
-            self.weight_quantizer(getattr(self, f"weight_ih_l{layer}")),
-            self.weight_quantizer(getattr(self, f"weight_hh_l{layer}")),
-            getattr(self, f"bias_ih_l{layer}"),
-            getattr(self, f"bias_hh_l{layer}"),
+    def _cell(self) -> Cell:
+        return Cell(
+            self.weight_quantizer,
+            self.gate_quantizer,
+            self.candidate_quantizer,
+            self.hidden_quantizer,
+            self.lambda_sigma,
+            self.lambda_tanh,
         )
 
     def _draw_uniform(self, input: Tensor, generator: torch.Generator | None) -> Tensor | None:
@@ -92,42 +187,35 @@ class _SlopedRecurrence:
         return torch.rand(shape, generator=generator, device=input.device, dtype=input.dtype)
 
     def _run_layers(
-        self,
-        input: Tensor,
-        initial_states: list[object],
-        step: CellStep,
-        output_of: Callable[[object], Tensor],
-        generator: torch.Generator | None,
+        self, input: Tensor, initial_states: list[object], generator: torch.Generator | None
     ) -> tuple[Tensor, list[object]]:
-        """Runs ``step`` over time for each layer, with dropout between layers as torch does."""
+        """Runs every layer in turn, with dropout between layers as torch does."""
+        if self.compile_mode == "reduce-overhead":
+            # A new step: CUDA graph outputs of the last one may be overwritten from now on.
+            torch.compiler.cudagraph_mark_step_begin()
+        cell = self._cell()
         layer_input = input
         final_states = []
         for layer, state in enumerate(initial_states):
-            w_ih, w_hh, b_ih, b_hh = self._quantized_weights(layer)
-            # The input projection needs no recurrence: one matmul for the whole sequence.
-            projected = F.linear(layer_input, w_ih, b_ih)
+            weights = tuple(
+                getattr(self, f"{name}_l{layer}")
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            )
             uniform = self._draw_uniform(layer_input, generator)
-            outputs = []
-            for t in range(layer_input.size(0)):
-                state = step(
-                    projected[t], state, w_hh, b_hh, None if uniform is None else uniform[t]
-                )
-                outputs.append(output_of(state))
-            layer_input = torch.stack(outputs)
+            layer_input, state = self._run_layer(
+                self.step, cell, weights, layer_input, state, uniform
+            )
             final_states.append(state)
             if layer < self.num_layers - 1 and self.dropout > 0:
                 layer_input = F.dropout(layer_input, self.dropout, self.training)
         return layer_input, final_states
 
 
-def _slot(uniform: Tensor | None, index: int) -> Tensor | None:
-    return None if uniform is None else uniform[index]
-
-
 class SlopedLSTM(_SlopedRecurrence, nn.LSTM):
     """``torch.nn.LSTM`` (sequence-first) with sloping factors and HitNet quantization."""
 
     noise_slots = 5  # i, f, g, o, h
+    step = staticmethod(lstm_step)
 
     def __init__(
         self,
@@ -156,36 +244,17 @@ class SlopedLSTM(_SlopedRecurrence, nn.LSTM):
             zeros = input.new_zeros(self.num_layers, input.size(1), self.hidden_size)
             hx = (zeros, zeros)
         initial = [(hx[0][layer], hx[1][layer]) for layer in range(self.num_layers)]
-        output, final = self._run_layers(input, initial, self._step, lambda s: s[0], generator)
+        output, final = self._run_layers(input, initial, generator)
         h_n = torch.stack([h for h, _ in final])
         c_n = torch.stack([c for _, c in final])
         return output, (h_n, c_n)
-
-    def _step(
-        self,
-        projected: Tensor,
-        state: tuple[Tensor, Tensor],
-        w_hh: Tensor,
-        b_hh: Tensor,
-        uniform: Tensor | None,
-    ) -> tuple[Tensor, Tensor]:
-        h, c = state
-        gates = projected + F.linear(h, w_hh, b_hh)
-        i, f, g, o = gates.chunk(4, dim=1)
-        ls, lt = self.lambda_sigma, self.lambda_tanh
-        i = self.gate_quantizer(torch.sigmoid(ls * i), _slot(uniform, 0))
-        f = self.gate_quantizer(torch.sigmoid(ls * f), _slot(uniform, 1))
-        g = self.candidate_quantizer(torch.tanh(lt * g), _slot(uniform, 2))
-        o = self.gate_quantizer(torch.sigmoid(ls * o), _slot(uniform, 3))
-        c = f * c + i * g  # the cell state is an accumulator: it stays full precision
-        h = self.hidden_quantizer(o * torch.tanh(lt * c), _slot(uniform, 4))
-        return h, c
 
 
 class SlopedGRU(_SlopedRecurrence, nn.GRU):
     """``torch.nn.GRU`` (sequence-first) with sloping factors and HitNet quantization."""
 
     noise_slots = 4  # r, z, n, h
+    step = staticmethod(gru_step)
 
     def __init__(
         self,
@@ -212,25 +281,8 @@ class SlopedGRU(_SlopedRecurrence, nn.GRU):
             return nn.GRU.forward(self, input, hx)
         if hx is None:
             hx = input.new_zeros(self.num_layers, input.size(1), self.hidden_size)
-        initial = list(hx.unbind(0))
-        output, final = self._run_layers(input, initial, self._step, lambda s: s, generator)
+        output, final = self._run_layers(input, list(hx.unbind(0)), generator)
         return output, torch.stack(final)
-
-    def _step(
-        self,
-        projected: Tensor,
-        h: Tensor,
-        w_hh: Tensor,
-        b_hh: Tensor,
-        uniform: Tensor | None,
-    ) -> Tensor:
-        x_r, x_z, x_n = projected.chunk(3, dim=1)
-        h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
-        ls, lt = self.lambda_sigma, self.lambda_tanh
-        r = self.gate_quantizer(torch.sigmoid(ls * (x_r + h_r)), _slot(uniform, 0))
-        z = self.gate_quantizer(torch.sigmoid(ls * (x_z + h_z)), _slot(uniform, 1))
-        n = self.candidate_quantizer(torch.tanh(lt * (x_n + r * h_n)), _slot(uniform, 2))
-        return self.hidden_quantizer((1 - z) * n + z * h, _slot(uniform, 3))
 
 
 RECURRENT_LAYERS: dict[str, type[SlopedLSTM] | type[SlopedGRU]] = {
