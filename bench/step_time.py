@@ -87,12 +87,22 @@ def build_ternary(cell: str) -> RNNLanguageModel:
     return model
 
 
-def variants(cell: str) -> list[tuple[str, Callable[[str], RNNLanguageModel]]]:
+def build_ternary_compiled(cell: str, mode: str) -> RNNLanguageModel:
+    model = build_ternary(cell)
+    model.recurrent.compile_recurrence(mode)
+    return model
+
+
+def variants(cell: str, compile_mode: str) -> list[tuple[str, Callable[[str], RNNLanguageModel]]]:
     layer = "SlopedLSTM" if cell == "lstm" else "SlopedGRU"
     return [
         (f"torch.nn.{cell.upper()}", build_baseline),
         (f"{layer} FP loop", build_fp_loop),
         (f"{layer} ternary (TTQ w, BTQ a)", build_ternary),
+        (
+            f"{layer} ternary, compiled {compile_mode}",
+            lambda c: build_ternary_compiled(c, compile_mode),
+        ),
     ]
 
 
@@ -144,9 +154,11 @@ def time_variant(
     return times, peak, loss.item()
 
 
-def bench_cell(cell: str, device: torch.device, steps: int, warmup: int) -> list[Result]:
+def bench_cell(
+    cell: str, device: torch.device, steps: int, warmup: int, compile_mode: str
+) -> list[Result]:
     results: list[Result] = []
-    for variant, build in variants(cell):
+    for variant, build in variants(cell, compile_mode):
         torch.manual_seed(0)
         times, peak, final_loss = time_variant(build(cell), device, steps, warmup)
         gc.collect()
@@ -174,7 +186,7 @@ def bench_cell(cell: str, device: torch.device, steps: int, warmup: int) -> list
 
 def print_table(cell: str, results: list[Result]) -> None:
     with_mem = results[0].peak_mib is not None
-    header = f"{'variant':<34} {'median ms':>10} {'p10-p90 ms':>15} {'x base':>7}"
+    header = f"{'variant':<46} {'median ms':>10} {'p10-p90 ms':>15} {'x base':>7}"
     if with_mem:
         header += f" {'peak MiB':>9} {'x base':>7}"
     print(f"\n[{cell}]  batch {BATCH}, bptt {BPTT}, hidden {HIDDEN}, vocab {VOCAB}")
@@ -182,7 +194,7 @@ def print_table(cell: str, results: list[Result]) -> None:
     print("-" * len(header))
     for r in results:
         spread = f"{r.p10_ms:.2f}-{r.p90_ms:.2f}"
-        row = f"{r.variant:<34} {r.median_ms:>10.2f} {spread:>15} {r.ratio:>7.2f}"
+        row = f"{r.variant:<46} {r.median_ms:>10.2f} {spread:>15} {r.ratio:>7.2f}"
         if with_mem:
             row += f" {r.peak_mib:>9.1f} {r.mem_ratio:>7.2f}"
         print(row)
@@ -199,9 +211,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device, help=f"default: {default_device}")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps first (they include compiling)"
+    )
     parser.add_argument("--cells", default="lstm,gru", help="comma-separated: lstm, gru")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the compiled ternary variant "
+        "(default: reduce-overhead on cuda, default on cpu)",
+    )
     args = parser.parse_args(argv)
     args.cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     unknown = set(args.cells) - set(TORCH_RNN)
@@ -215,12 +235,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    compile_mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
     print(f"device: {device_name(device)}")
     print(f"torch:  {torch.__version__}")
     print(f"steps:  {args.steps} timed after {args.warmup} warm-up, SGD lr {LR}, clip {CLIP}")
     results = []
     for cell in args.cells:
-        cell_results = bench_cell(cell, device, args.steps, args.warmup)
+        cell_results = bench_cell(cell, device, args.steps, args.warmup, compile_mode)
         print_table(cell, cell_results)
         results.extend(cell_results)
     if args.json is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -87,6 +88,15 @@ class HardwareParams(Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: PositiveInt | Literal["auto"] = 1
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
+    # torch.compile of the quantized recurrence; auto: reduce-overhead (CUDA graphs) on a
+    # GPU, eager elsewhere. Same function either way (tests/hitnet/test_compiled.py).
+    compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = "auto"
+
+    def compile_mode(self) -> str | None:
+        if self.compile == "auto":
+            on_gpu = self.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+            return "reduce-overhead" if on_gpu else None
+        return None if self.compile == "none" else self.compile
 
 
 class ReportParams(Section):

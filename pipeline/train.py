@@ -159,6 +159,8 @@ def _fit_and_test(
     if init_from is not None:
         state = torch.load(init_from, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)  # same parameter layout: FP weights load unchanged
+    if not task.model.recurrent.uses_fused_kernel:  # cuDNN needs no compiling
+        task.model.recurrent.compile_recurrence(params.hardware.compile_mode())
 
     history = EpochHistory(out_dir / "history.csv", stage_name(kind, cell), log_metrics)
     best = ModelCheckpoint(
