@@ -105,6 +105,7 @@ class ReportParams(Section):
 
 
 class TrackingParams(Section):
+    enabled: bool = True  # false: no MLflow at all (metrics still go to DVC's files)
     experiment: Annotated[str, Field(min_length=1)] = "hitnet-ptb"
 
 

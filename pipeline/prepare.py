@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hitnet.data import SPLIT_FILES, CorpusError, load_corpus
 from pipeline.params import DataParams, load_params
-from pipeline.tracking import StageRun
+from pipeline.tracking import stage_run
 
 # sha256 of the three files of Mikolov's preprocessed PTB (../shared/data/ptb/README.md).
 PTB_SHA256 = {
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("data/ptb"))
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    with StageRun(params.tracking.experiment, "prepare", {"data": params.data.model_dump()}) as run:
+    with stage_run(params.tracking, "prepare", {"data": params.data.model_dump()}) as run:
         stats = prepare(params.data, args.out)
         run.log_metrics(stats, step=0)
         run.log_artifact(args.out / "stats.json")

@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 
 from hitnet.lightning_module import LanguageModelTask
 from pipeline.params import Params, load_params
-from pipeline.tracking import StageRun
+from pipeline.tracking import stage_run
 from pipeline.train import datamodule_for
 
 # HitNet (NeurIPS 2018), PTB test perplexity per word, 1x300 (../shared/HITNET.md).
@@ -161,7 +161,7 @@ def evaluate_models(params: Params, runs_dir: Path, data_dir: Path) -> tuple[dic
 
 def report(params: Params, runs_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     used = params.model_dump(include={"cells", "report", "hardware"})
-    with StageRun(params.tracking.experiment, "report", used) as run:
+    with stage_run(params.tracking, "report", used) as run:
         results, histories = evaluate_models(params, runs_dir, data_dir)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

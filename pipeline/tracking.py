@@ -21,8 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from pipeline.params import TrackingParams
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REACHABILITY_TIMEOUT_S = 10
@@ -87,10 +86,12 @@ class StageRun:
         run_id: str | None = None,
         parent_run_id: str | None = None,
     ) -> None:
+        from mlflow import MlflowClient  # here: an untracked run never needs mlflow installed
+
         self.uri = tracking_uri()
         check_reachable(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
-        self._pending: list[Metric] = []
+        self._pending: list = []
         self._logged: set[tuple[str, int]] = set()
         if run_id is not None:
             self.run_id = run_id
@@ -106,6 +107,8 @@ class StageRun:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self._experiment_id(experiment), run_name=stage, tags=tags)
         self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
         flat = [Param(key, value) for key, value in flatten(params).items()]
         for start in range(0, len(flat), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=flat[start : start + 100])
@@ -130,6 +133,8 @@ class StageRun:
         A resumed run replays the epochs after its last checkpoint; resume is exact, so a
         (key, step) the interrupted run already logged is not logged twice.
         """
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         fresh = {key: v for key, v in metrics.items() if (key, step) not in self._logged}
         self._pending += [Metric(key, float(v), now, step) for key, v in fresh.items()]
@@ -169,3 +174,32 @@ class StageRun:
             return
         with contextlib.suppress(Exception):
             self.client.set_terminated(self.run_id, status="FAILED")
+
+
+class UntrackedRun:
+    """Stands in for ``StageRun`` when ``tracking.enabled`` is false: DVC's files only."""
+
+    run_id = "untracked"
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def __enter__(self) -> UntrackedRun:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+
+def stage_run(
+    tracking: TrackingParams,
+    stage: str,
+    params: Mapping[str, Any],
+    run_id: str | None = None,
+) -> StageRun | UntrackedRun:
+    if not tracking.enabled:
+        return UntrackedRun()
+    return StageRun(tracking.experiment, stage, params, run_id=run_id)

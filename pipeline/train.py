@@ -29,7 +29,7 @@ from hitnet.language_model import CellType
 from hitnet.lightning_module import LanguageModelTask
 from pipeline.history import EpochHistory
 from pipeline.params import Params, TrainParams, load_params
-from pipeline.tracking import StageRun
+from pipeline.tracking import stage_run
 
 Kind = Literal["fp", "ternary"]
 
@@ -104,8 +104,8 @@ def train(
     last, run_id_file = work_dir / "last.ckpt", work_dir / "mlflow_run_id"
     resuming = last.is_file() and run_id_file.is_file()
 
-    with StageRun(
-        params.tracking.experiment,
+    with stage_run(
+        params.tracking,
         name,
         {**used, "cell": cell, "init_from": str(init_from)},
         run_id=run_id_file.read_text().strip() if resuming else None,
