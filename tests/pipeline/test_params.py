@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from hitnet.quantizers import QuantConfig
-from pipeline.params import ParamsError, load_params, parse_params
+from pipeline.params import HardwareParams, ParamsError, load_params, parse_params
 from tests.conftest import REPO_ROOT
 
 REPO_PARAMS = REPO_ROOT / "params.yaml"
@@ -240,3 +240,17 @@ def test_ternary_model_config_from_repo_params() -> None:
     assert config.quant.activations == frozenset({"gates", "candidate", "hidden"})
     assert config.quant.ttq_threshold == 0.7
     assert config.quant != QuantConfig()
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "compile_setting", "expected"),
+    [
+        ("cpu", "auto", None),  # eager off the GPU: compiling would cost more than it saves
+        ("cpu", "default", "default"),
+        ("auto", "none", None),
+        ("cpu", "reduce-overhead", "reduce-overhead"),
+    ],
+)
+def test_hardware_compile_mode(accelerator, compile_setting, expected):
+    hardware = HardwareParams(accelerator=accelerator, compile=compile_setting)
+    assert hardware.compile_mode() == expected

@@ -79,3 +79,21 @@ def test_unreachable_tracking_server_fails_before_any_training(tmp_path, monkeyp
     with pytest.raises(TrackingError, match=f"MLflow tracking server {uri}.*not reachable"):
         train(params, "lstm", "fp", ptb_dir, tmp_path / "out", work_root=tmp_path / "ck")
     assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.slow
+def test_tracking_disabled_trains_without_any_mlflow_store(tmp_path, monkeypatch, ptb_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = Params.model_validate(
+        {
+            "data": {"max_tokens": 4000},
+            "model": {"embedding_size": 8, "hidden_size": 8},
+            "train_fp": {"epochs": 1, "limit_train_batches": 2, "limit_eval_batches": 2},
+            "hardware": {"accelerator": "cpu"},
+            "tracking": {"enabled": False},
+        }
+    )
+    metrics = train(params, "gru", "fp", ptb_dir, tmp_path / "out", work_root=tmp_path / "ck")
+    assert metrics["epochs"] == 1 and (tmp_path / "out" / "metrics.json").is_file()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
