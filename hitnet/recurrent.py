@@ -113,26 +113,32 @@ class _SlopedRecurrence:
     noise_slots: int  # uniform draws per unit and step: one per quantized activation
     step: Step
 
-    def _init_hitnet(
+    def __init__(
         self,
-        quant: QuantConfig,
-        lambda_sigma: float,
-        lambda_tanh: float,
-        fused_full_precision: bool,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        quant: QuantConfig | None = None,
+        lambda_sigma: float = 1.0,
+        lambda_tanh: float = 1.0,
+        fused_full_precision: bool = True,
     ) -> None:
+        # super() is torch.nn.LSTM or torch.nn.GRU: the parameters are theirs.
+        super().__init__(input_size, hidden_size, num_layers=num_layers, dropout=dropout)
         if lambda_sigma <= 0 or lambda_tanh <= 0:
             raise ValueError(
                 f"sloping factors must be > 0, got lambda_sigma={lambda_sigma}, "
                 f"lambda_tanh={lambda_tanh}"
             )
-        self.quant = quant
+        self.quant = quant or QuantConfig()
         self.lambda_sigma = float(lambda_sigma)
         self.lambda_tanh = float(lambda_tanh)
         self.fused_full_precision = fused_full_precision
-        self.weight_quantizer = WeightQuantizer(quant)
-        self.gate_quantizer = ActivationQuantizer(quant, "gates")
-        self.candidate_quantizer = ActivationQuantizer(quant, "candidate")
-        self.hidden_quantizer = ActivationQuantizer(quant, "hidden")
+        self.weight_quantizer = WeightQuantizer(self.quant)
+        self.gate_quantizer = ActivationQuantizer(self.quant, "gates")
+        self.candidate_quantizer = ActivationQuantizer(self.quant, "candidate")
+        self.hidden_quantizer = ActivationQuantizer(self.quant, "hidden")
         self.compile_recurrence(None)
 
     def compile_recurrence(self, mode: str | None = "reduce-overhead") -> None:
@@ -217,20 +223,6 @@ class SlopedLSTM(_SlopedRecurrence, nn.LSTM):
     noise_slots = 5  # i, f, g, o, h
     step = staticmethod(lstm_step)
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        dropout: float = 0.0,
-        quant: QuantConfig | None = None,
-        lambda_sigma: float = 1.0,
-        lambda_tanh: float = 1.0,
-        fused_full_precision: bool = True,
-    ) -> None:
-        nn.LSTM.__init__(self, input_size, hidden_size, num_layers=num_layers, dropout=dropout)
-        self._init_hitnet(quant or QuantConfig(), lambda_sigma, lambda_tanh, fused_full_precision)
-
     def forward(  # type: ignore[override]
         self,
         input: Tensor,
@@ -255,20 +247,6 @@ class SlopedGRU(_SlopedRecurrence, nn.GRU):
 
     noise_slots = 4  # r, z, n, h
     step = staticmethod(gru_step)
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        dropout: float = 0.0,
-        quant: QuantConfig | None = None,
-        lambda_sigma: float = 1.0,
-        lambda_tanh: float = 1.0,
-        fused_full_precision: bool = True,
-    ) -> None:
-        nn.GRU.__init__(self, input_size, hidden_size, num_layers=num_layers, dropout=dropout)
-        self._init_hitnet(quant or QuantConfig(), lambda_sigma, lambda_tanh, fused_full_precision)
 
     def forward(  # type: ignore[override]
         self,

@@ -99,12 +99,15 @@ def plot(
     cells = list(histories)
     figure, axes = plt.subplots(1, len(cells) + 1, figsize=(5 * (len(cells) + 1), 4.2))
     for axis, cell in zip(axes, cells, strict=False):
+        # The ternary model continues from the FP checkpoint: draw it after the FP epochs.
+        offset = {"fp": 0, "ternary": len(histories[cell]["fp"])}
         for kind, style in zip(KINDS, ("-", "--"), strict=True):
             rows = histories[cell][kind]
             axis.plot(
-                [r["epoch"] for r in rows],
+                [offset[kind] + r["epoch"] for r in rows],
                 [r["val_ppl"] for r in rows],
                 style,
+                marker=".",
                 label=f"{kind} (ours)",
             )
         for kind, color in (("fp", "grey"), ("ternary", "black")):
@@ -116,7 +119,7 @@ def plot(
                 label=f"paper {kind} (test)",
             )
         axis.set(
-            title=f"{cell.upper()}: validation perplexity",
+            title=f"{cell.upper()}: validation perplexity (ternary continues FP)",
             xlabel="epoch",
             ylabel="perplexity",
             yscale="log",
