@@ -20,6 +20,10 @@ PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
+# What a sweep searches; a sweep's best.json holds these keys (lr only when searched).
+SEARCHED = ("lambda_sigma", "lambda_tanh", "ttq_threshold", "lr")
+
+
 class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the key."""
 
@@ -99,6 +103,39 @@ class HardwareParams(Section):
         return None if self.compile == "none" else self.compile
 
 
+Range = Annotated[list[PositiveFloat], Field(min_length=2, max_length=2)]  # [low, high]
+
+
+class TuneParams(Section):
+    """The Ray Tune sweep (`tune@cell`): searched ranges, budget, resources per trial."""
+
+    lambda_sigma: Range = [0.5, 4.0]  # log-uniform
+    lambda_tanh: Range = [0.5, 4.0]  # log-uniform
+    ttq_threshold: Range = [0.3, 1.2]  # uniform
+    lr: Range | None = None  # log-uniform when set; else train_ternary.lr
+    num_samples: PositiveInt = 16
+    epochs: PositiveInt = 4  # per trial; ASHA's max_t
+    grace_period: PositiveInt = 1
+    max_concurrent: PositiveInt = 4
+    cpus_per_trial: PositiveFloat = 1.0
+    gpus_per_trial: Annotated[float, Field(ge=0)] = 0.0  # fractions share a GPU
+    max_failures: Annotated[int, Field(ge=0)] = 2
+    limit_train_batches: PositiveInt | None = None
+    limit_eval_batches: PositiveInt | None = None
+    storage: str = "ray_results"  # on a cluster: a path every node sees
+    fail_at_epoch: PositiveInt | None = None  # tests only: each trial raises once there
+
+    @model_validator(mode="after")
+    def _ranges_are_ordered(self) -> TuneParams:
+        for key in ("lambda_sigma", "lambda_tanh", "ttq_threshold", "lr"):
+            bounds = getattr(self, key)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"tune.{key} must be [low, high] with low < high, got {bounds}")
+        if self.grace_period > self.epochs:
+            raise ValueError("tune.grace_period must be <= tune.epochs")
+        return self
+
+
 class ReportParams(Section):
     # BTQ evaluated stochastically: test once per seed, report mean and spread.
     eval_seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0, 1, 2, 3, 4]
@@ -120,12 +157,22 @@ class Params(Section):
     hardware: HardwareParams = HardwareParams()
     tracking: TrackingParams = TrackingParams()
     report: ReportParams = ReportParams()
+    tune: TuneParams = TuneParams()
 
     @model_validator(mode="after")
     def _tie_needs_equal_sizes(self) -> Params:
         if self.model.tie_weights and self.model.embedding_size != self.model.hidden_size:
             raise ValueError("model.tie_weights needs model.embedding_size == model.hidden_size")
         return self
+
+    def with_searched(self, values: dict[str, float]) -> Params:
+        """These params with searched values (a trial's, or a sweep's best) in place."""
+        quant = self.quant.model_copy(
+            update={key: float(values[key]) for key in SEARCHED[:3] if key in values}
+        )
+        lr = float(values.get("lr", self.train_ternary.lr))
+        recipe = self.train_ternary.model_copy(update={"lr": lr})
+        return self.model_copy(update={"quant": quant, "train_ternary": recipe})
 
     def build_model_config(self, cell: CellType, vocab_size: int, ternary: bool) -> ModelConfig:
         quant = self.quant

@@ -85,6 +85,7 @@ class StageRun:
         params: Mapping[str, Any],
         run_id: str | None = None,
         parent_run_id: str | None = None,
+        run_name: str | None = None,
     ) -> None:
         from mlflow import MlflowClient  # here: an untracked run never needs mlflow installed
 
@@ -105,7 +106,9 @@ class StageRun:
         }
         if parent_run_id is not None:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self._experiment_id(experiment), run_name=stage, tags=tags)
+        run = self.client.create_run(
+            self._experiment_id(experiment), run_name=run_name or stage, tags=tags
+        )
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 

@@ -193,8 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("data/ptb"))
     parser.add_argument("--out", type=Path, help="default: runs/<kind>/<cell>")
     parser.add_argument("--init", type=Path, help="full-precision model.ckpt to start from")
+    parser.add_argument("--best", type=Path, help="a sweep's best.json: its values win")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    if args.best is not None:
+        params = params.with_searched(json.loads(args.best.read_text(encoding="utf-8")))
     out = args.out or Path("runs") / args.kind / args.cell
     train(params, args.cell, args.kind, args.data, out, init_from=args.init)
 

@@ -21,6 +21,14 @@ SMOKE = {
     "train_ternary": {"epochs": 2, "limit_train_batches": 8, "limit_eval_batches": 4},
     "hardware": {"accelerator": "cpu"},
     "report": {"eval_seeds": [0, 1, 2]},
+    "tune": {
+        "num_samples": 2,
+        "epochs": 2,
+        "max_concurrent": 2,
+        "limit_train_batches": 4,
+        "limit_eval_batches": 2,
+        "fail_at_epoch": 1,  # every trial fails once and is retried from its checkpoint
+    },
 }
 
 

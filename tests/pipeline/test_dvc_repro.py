@@ -19,6 +19,8 @@ STAGES = [
     "prepare",
     "train_fp@lstm",
     "train_fp@gru",
+    "tune@lstm",
+    "tune@gru",
     "train_ternary@lstm",
     "train_ternary@gru",
     "report",
@@ -71,15 +73,34 @@ def test_dvc_repro_runs_every_stage_records_everything_and_is_then_a_no_op(smoke
         assert "train_fp.lr" in run.data.params or "train_ternary.lr" in run.data.params
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"model.ckpt", "metrics.json", "history.csv"} <= artifacts
+    for cell in ("lstm", "gru"):
+        best = json.loads((project / "runs" / "tune" / cell / "best.json").read_text())
+        assert set(best) == {"lambda_sigma", "lambda_tanh", "ttq_threshold", "val_ppl"}
+        trials = (project / "runs" / "tune" / cell / "trials.csv").read_text().splitlines()
+        assert len(trials) == 1 + 2  # header + num_samples
+        (parent,) = [r for r in runs[f"tune@{cell}"] if "mlflow.parentRunId" not in r.data.tags]
+        nested = [r for r in runs[f"tune@{cell}"] if r is not parent]
+        assert len(nested) == 2
+        for trial in nested:
+            assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert set(trial.data.params) == {"lambda_sigma", "lambda_tanh", "ttq_threshold"}
+            steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_ppl")]
+            assert steps and steps == list(range(1, len(steps) + 1))
+        parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert {"best.json", "trials.csv", "sweep.png"} <= parent_artifacts
+        # the ternary model used the sweep's best values
+        (ternary,) = runs[f"train_ternary@{cell}"]
+        assert float(ternary.data.params["quant.lambda_sigma"]) == best["lambda_sigma"]
     (report_run,) = runs["report"]
     assert {a.path for a in client.list_artifacts(report_run.info.run_id, "report")} >= {
         "report/README.md",
         "report/curves.png",
     }
 
+    run_count = sum(map(len, runs.values()))
     second = run_tool(project, "dvc", "repro")
     assert "Data and pipelines are up to date" in second.stdout
-    assert len(_runs_by_stage(project)) == len(STAGES)  # nothing ran: no new run
+    assert sum(map(len, _runs_by_stage(project).values())) == run_count  # nothing ran
 
     plots = run_tool(project, "dvc", "plots", "show", "-o", str(project / "plots"))
     assert (project / "plots" / "index.html").is_file(), plots.stdout

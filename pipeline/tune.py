@@ -1,0 +1,294 @@
+"""Stage `tune@cell`: a Ray Tune sweep of sloping factors and TTQ threshold (and lr).
+
+Each trial starts from the FP checkpoint and trains the ternary model for a few epochs,
+reporting ``val_ppl`` every epoch; ASHA stops poor trials early and Optuna proposes the next
+ones. Ray starts locally, or joins the cluster named by ``RAY_ADDRESS`` (then
+``tune.storage`` must be a path every node sees). Writes ``out_dir``: ``best.json`` (what
+``train_ternary`` uses), ``trials.csv`` and ``sweep.png``.
+
+Resumable: a rerun after the driver died restores the experiment (``Tuner.restore``) and does
+not rerun finished trials; a trial whose worker dies resumes from its last checkpoint.
+MLflow: one parent run for the sweep and one nested run per trial, logged by this driver
+(the trials never write to the store, so a local SQLite file sees one writer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Checkpoint
+
+from hitnet.language_model import CellType
+from hitnet.lightning_module import LanguageModelTask
+from pipeline.params import SEARCHED, Params, TuneParams, load_params
+from pipeline.tracking import StageRun, stage_run, tracking_uri
+from pipeline.train import datamodule_for, fingerprint
+
+
+def search_space(tune_params: TuneParams) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {
+        "lambda_sigma": tune.loguniform(*tune_params.lambda_sigma),
+        "lambda_tanh": tune.loguniform(*tune_params.lambda_tanh),
+        "ttq_threshold": tune.uniform(*tune_params.ttq_threshold),
+    }
+    if tune_params.lr is not None:
+        space["lr"] = tune.loguniform(*tune_params.lr)
+    return space
+
+
+def trial_params(params: Params, config: dict[str, float]) -> Params:
+    """``params`` with one trial's searched values and the sweep's per-trial budget."""
+    searched = params.with_searched(config)
+    recipe = searched.train_ternary.model_copy(
+        update={
+            "epochs": params.tune.epochs,
+            "limit_train_batches": params.tune.limit_train_batches,
+            "limit_eval_batches": params.tune.limit_eval_batches,
+        }
+    )
+    return searched.model_copy(update={"train_ternary": recipe})
+
+
+class _ReportToTune(Checkpoint):
+    """After each epoch: a Lightning checkpoint as a Tune checkpoint, with ``val_ppl``.
+
+    A ``Checkpoint`` so that Lightning calls it after the module logged the epoch's metrics.
+    ``fail_at_epoch`` (tests only) raises once, in a trial's first attempt.
+    """
+
+    def __init__(self, fail_at_epoch: int | None) -> None:
+        self.fail_at_epoch = fail_at_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ray import tune
+
+        epoch = trainer.current_epoch + 1
+        metrics = {key: float(trainer.callback_metrics[key]) for key in ("train_ppl", "val_ppl")}
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.save_checkpoint(Path(folder) / "trial.ckpt")
+            tune.report(
+                {**metrics, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(folder)
+            )
+        if epoch == self.fail_at_epoch:
+            raise RuntimeError(f"injected failure after epoch {epoch} (tune.fail_at_epoch)")
+
+
+def train_trial(
+    config: dict[str, float], params_json: str, cell: CellType, data_dir: str, fp_checkpoint: str
+) -> None:
+    """One trial, run by a Ray worker: the ternary model from the FP checkpoint."""
+    from ray import tune
+
+    params = trial_params(Params.model_validate_json(params_json), config)
+    recipe = params.train_ternary
+    pl.seed_everything(params.seed, workers=True)
+    datamodule = datamodule_for(params, Path(data_dir))
+    task = LanguageModelTask(
+        params.build_model_config(cell, datamodule.vocab_size, ternary=True),
+        lr=recipe.lr,
+        lr_decay=recipe.lr_decay,
+        lr_patience=recipe.lr_patience,
+        eval_seed=params.seed,
+    )
+    resume_from = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume_from = Path(tempfile.mkdtemp()) / "trial.ckpt"
+            resume_from.write_bytes((Path(folder) / "trial.ckpt").read_bytes())
+    else:
+        state = torch.load(fp_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        task.load_state_dict(state)
+    task.model.recurrent.compile_recurrence(params.hardware.compile_mode())
+    fail_at = params.tune.fail_at_epoch if checkpoint is None else None
+    trainer = pl.Trainer(
+        max_epochs=recipe.epochs,
+        gradient_clip_val=recipe.clip,
+        accelerator=params.hardware.accelerator,
+        devices=1,
+        precision=params.hardware.precision,
+        limit_train_batches=recipe.limit_train_batches,
+        limit_val_batches=recipe.limit_eval_batches,
+        callbacks=[_ReportToTune(fail_at)],
+        logger=False,
+        enable_checkpointing=True,  # _ReportToTune is the checkpoint callback: no default one
+        default_root_dir=tempfile.mkdtemp(),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(task, datamodule, ckpt_path=resume_from)
+
+
+def _connect(params: Params) -> None:
+    import ray
+
+    # Workers get what they need through the runtime environment, not driver-only files.
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri()}}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        print(f"tune: joining the Ray cluster at {address}", flush=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
+
+
+def _tuner(params: Params, cell: CellType, data_dir: Path, fp_checkpoint: Path, name: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    settings = params.tune
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            train_trial,
+            params_json=params.model_dump_json(),
+            cell=cell,
+            data_dir=str(Path(data_dir).resolve()),
+            fp_checkpoint=str(Path(fp_checkpoint).resolve()),
+        ),
+        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+    )
+    storage = str(Path(settings.storage).resolve())
+    experiment = Path(storage) / name
+    if tune.Tuner.can_restore(str(experiment)):
+        print(f"tune: restoring {experiment}; finished trials are kept", flush=True)
+        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    searcher = OptunaSearch(seed=params.seed)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(settings),
+        tune_config=tune.TuneConfig(
+            metric="val_ppl",
+            mode="min",
+            num_samples=settings.num_samples,
+            scheduler=ASHAScheduler(max_t=settings.epochs, grace_period=settings.grace_period),
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
+        ),
+    )
+
+
+def _trial_rows(results: Any) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        val = history["val_ppl"].tolist() if history is not None and "val_ppl" in history else []
+        rows.append(
+            {
+                "trial_id": result.metrics.get("trial_id", Path(result.path).name),
+                **{key: result.config[key] for key in SEARCHED if key in result.config},
+                "best_val_ppl": min(val) if val else float("nan"),
+                "epochs": len(val),
+                "val_ppl_history": val,
+                "error": "" if result.error is None else type(result.error).__name__,
+            }
+        )
+    return sorted(rows, key=lambda row: row["trial_id"])
+
+
+def _write_outputs(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    finished = [row for row in rows if row["epochs"] > 0]
+    if not finished:
+        raise RuntimeError("tune: no trial reported a val_ppl; see the Ray logs above")
+    best = min(finished, key=lambda row: row["best_val_ppl"])
+    best_json = {key: round(best[key], 6) for key in SEARCHED if key in best}
+    best_json["val_ppl"] = round(best["best_val_ppl"], 4)  # no trial id: it is random
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "best.json").write_text(json.dumps(best_json, indent=2, sort_keys=True) + "\n")
+    columns = ["trial_id", *[k for k in SEARCHED if k in best], "best_val_ppl", "epochs", "error"]
+    lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in rows]
+    (out_dir / "trials.csv").write_text("\n".join(lines) + "\n")
+    searched = [key for key in SEARCHED if key in best]
+    figure, axes = plt.subplots(1, len(searched), figsize=(4.5 * len(searched), 4))
+    for axis, key in zip(axes, searched, strict=True):
+        axis.scatter([r[key] for r in finished], [r["best_val_ppl"] for r in finished])
+        axis.scatter([best[key]], [best["best_val_ppl"]], color="red", label="best")
+        axis.set(xlabel=key, ylabel="best val_ppl", yscale="log")
+        if key != "ttq_threshold":
+            axis.set_xscale("log")
+        axis.legend(fontsize=8)
+    figure.suptitle("sweep: validation perplexity against the searched parameters")
+    figure.tight_layout()
+    figure.savefig(out_dir / "sweep.png", dpi=110)
+    plt.close(figure)
+    return best_json
+
+
+def sweep(
+    params: Params, cell: CellType, data_dir: Path, fp_checkpoint: Path, out_dir: Path
+) -> dict[str, Any]:
+    """Runs (or restores) the sweep for one cell; returns the best setting."""
+    import ray
+
+    if not Path(fp_checkpoint).is_file():
+        raise FileNotFoundError(f"{fp_checkpoint}: no FP checkpoint for the sweep to start from")
+    used = {**params.model_dump(include={"seed", "data", "model", "quant", "tune"}), "cell": cell}
+    name = f"tune-{cell}-{fingerprint(used, fp_checkpoint)}"
+    with stage_run(params.tracking, f"tune@{cell}", used) as parent:
+        _connect(params)
+        try:
+            results = _tuner(params, cell, data_dir, fp_checkpoint, name).fit()
+        finally:
+            ray.shutdown()
+        rows = _trial_rows(results)
+        best = _write_outputs(rows, Path(out_dir))
+        if isinstance(parent, StageRun):
+            _log_trials(params, cell, parent.run_id, rows)
+            parent.log_metrics({"best_val_ppl": best["val_ppl"]}, step=0)
+            for artifact in ("best.json", "trials.csv", "sweep.png"):
+                parent.log_artifact(Path(out_dir) / artifact)
+    print(f"tune@{cell}: best {best}", flush=True)
+    return best
+
+
+def _log_trials(params: Params, cell: CellType, parent_run_id: str, rows: list[dict]) -> None:
+    """One nested MLflow run per trial, with its params and val_ppl per epoch."""
+    for row in rows:
+        config = {key: row[key] for key in SEARCHED if key in row}
+        with StageRun(
+            params.tracking.experiment,
+            f"tune@{cell}",
+            config,
+            parent_run_id=parent_run_id,
+            run_name=f"trial {row['trial_id']}",
+        ) as trial:
+            for epoch, value in enumerate(row["val_ppl_history"], start=1):
+                trial.log_metrics({"val_ppl": value}, step=epoch)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cell", choices=["lstm", "gru"])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=Path("data/ptb"))
+    parser.add_argument("--init", type=Path, help="default: runs/fp/<cell>/model.ckpt")
+    parser.add_argument("--out", type=Path, help="default: runs/tune/<cell>")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    init = args.init or Path("runs/fp") / args.cell / "model.ckpt"
+    sweep(params, args.cell, args.data, init, args.out or Path("runs/tune") / args.cell)
+
+
+if __name__ == "__main__":
+    main()
