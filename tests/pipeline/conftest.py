@@ -76,27 +76,23 @@ def run_tool(project: Path, *command: str, check: bool = True) -> subprocess.Com
     return result
 
 
-@pytest.fixture
-def smoke_project(tmp_path: Path) -> Path:
-    project = tmp_path / "project"
+def make_smoke_project(project: Path) -> Path:
+    """A copy of the tracked files at ``project``, committed to a new git repo, smoke params."""
     for name in tracked_files():
         target = project / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, target)
     write_params(project, SMOKE)
+    identity = ["-c", "user.name=test", "-c", "user.email=test@localhost"]
     for command in (
         ["git", "init", "-q"],
-        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "add", "-A"],
-        [
-            "git",
-            "-c",
-            "user.name=test",
-            "-c",
-            "user.email=test@localhost",
-            "commit",
-            "-qm",
-            "smoke",
-        ],
+        ["git", *identity, "add", "-A"],
+        ["git", *identity, "commit", "-qm", "smoke"],
     ):
         subprocess.run(command, cwd=project, check=True, capture_output=True)
     return project
+
+
+@pytest.fixture
+def smoke_project(tmp_path: Path) -> Path:
+    return make_smoke_project(tmp_path / "project")

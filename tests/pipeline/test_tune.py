@@ -1,0 +1,166 @@
+"""Ray Tune sweeps: search space, per-trial params, resume after the driver dies, a real
+multi-process Ray cluster on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from ray import tune
+
+from pipeline.params import Params, ParamsError, parse_params
+from pipeline.tune import search_space, trial_params
+from tests.pipeline.conftest import make_smoke_project, run_tool, tool_env, write_params
+
+
+def test_search_space_is_log_uniform_for_slopes_and_uniform_for_the_threshold():
+    params = Params.model_validate({"tune": {"lambda_sigma": [0.5, 4.0], "lr": [1.0, 20.0]}})
+    space = search_space(params.tune)
+    assert set(space) == {"lambda_sigma", "lambda_tanh", "ttq_threshold", "lr"}
+    assert isinstance(space["lambda_sigma"].get_sampler(), tune.search.sample.LogUniform)
+    assert isinstance(space["ttq_threshold"].get_sampler(), tune.search.sample.Float._Uniform)
+    assert (space["lambda_sigma"].lower, space["lambda_sigma"].upper) == (0.5, 4.0)
+    assert "lr" not in search_space(Params().tune)  # lr is searched only when given a range
+
+
+def test_trial_params_take_the_trial_values_and_the_sweep_budget():
+    params = Params.model_validate({"tune": {"epochs": 3, "limit_train_batches": 7}})
+    config = {"lambda_sigma": 2.5, "lambda_tanh": 1.5, "ttq_threshold": 0.9, "lr": 4.0}
+    trial = trial_params(params, config)
+    assert (trial.quant.lambda_sigma, trial.quant.lambda_tanh) == (2.5, 1.5)
+    assert trial.quant.ttq_threshold == 0.9 and trial.train_ternary.lr == 4.0
+    assert trial.train_ternary.epochs == 3 and trial.train_ternary.limit_train_batches == 7
+    best = params.with_searched({"lambda_sigma": 2.5, "lambda_tanh": 1.5, "ttq_threshold": 0.9})
+    assert best.train_ternary.epochs == params.train_ternary.epochs  # the full recipe stays
+
+
+@pytest.mark.parametrize(
+    ("tune_params", "message"),
+    [
+        ({"lambda_sigma": [3.0, 1.0]}, "tune.lambda_sigma must be [low, high] with low < high"),
+        ({"ttq_threshold": [0.5]}, "tune.ttq_threshold"),
+        ({"lambda_tanh": [-1.0, 2.0]}, "tune.lambda_tanh"),
+        ({"grace_period": 5, "epochs": 2}, "tune.grace_period must be <= tune.epochs"),
+        ({"gpus_per_trial": -0.5}, "tune.gpus_per_trial"),
+    ],
+)
+def test_bad_tune_params_are_rejected(tune_params, message):
+    with pytest.raises(ParamsError) as error:
+        parse_params({"tune": tune_params})
+    assert message in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def fp_project(tmp_path_factory) -> Path:
+    """A smoke project whose FP LSTM is trained, with a sweep of one trial at a time."""
+    project = make_smoke_project(tmp_path_factory.mktemp("tune") / "project")
+    write_params(
+        project,
+        {"tune": {"num_samples": 3, "max_concurrent": 1, "fail_at_epoch": None, "epochs": 2}},
+    )
+    run_tool(project, "dvc", "repro", "train_fp@lstm")
+    return project
+
+
+def _started_trials(output: str) -> list[str]:
+    return re.findall(r"Trial (train_trial_\w+) started", output)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(fp_project):
+    log = fp_project / "first.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(
+            ["python", "-m", "pipeline.tune", "lstm", "--out", "runs/tune-resume"],
+            cwd=fp_project,
+            env=tool_env(fp_project),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 240
+    finished: list[str] = []
+    while not finished:
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial finished in time"
+        finished = re.findall(r"Trial (train_trial_\w+) completed", log.read_text())
+        time.sleep(0.2)
+    time.sleep(3)  # let Tune write its experiment state once more
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    subprocess.run(["ray", "stop", "--force"], env=tool_env(fp_project), capture_output=True)
+
+    rerun = run_tool(
+        fp_project, "python", "-m", "pipeline.tune", "lstm", "--out", "runs/tune-resume"
+    )
+    output = rerun.stdout + rerun.stderr
+    assert "restoring" in output
+    assert finished[0] not in _started_trials(output)  # a finished trial was not rerun
+    rows = (fp_project / "runs/tune-resume/trials.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
+    # Ray 2.60 authenticates every node and driver with one shared token.
+    env = {
+        **tool_env(fp_project),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    }
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    head = [
+        "ray",
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=0",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
+    worker = ["ray", "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
+    try:
+        for command in (head, worker):
+            started = subprocess.run(command, env=env, capture_output=True, text=True)
+            assert started.returncode == 0, started.stdout + started.stderr
+        deadline = time.monotonic() + 60
+        status = ""
+        while status.count("node_") < 2:  # head + worker, once the autoscaler reports them
+            assert time.monotonic() < deadline, status
+            time.sleep(1)
+            status = subprocess.run(
+                ["ray", "status", f"--address={address}"], env=env, capture_output=True, text=True
+            ).stdout
+
+        sweep = subprocess.run(
+            ["python", "-m", "pipeline.tune", "lstm", "--out", "runs/tune-cluster"],
+            cwd=fp_project,
+            env={**env, "RAY_ADDRESS": address},
+            capture_output=True,
+            text=True,
+        )
+        output = sweep.stdout + sweep.stderr
+        assert sweep.returncode == 0, output[-3000:]
+        assert f"joining the Ray cluster at {address}" in output
+        # The head offers no CPU: every trial that finished ran on the worker process.
+        rows = (fp_project / "runs/tune-cluster/trials.csv").read_text().splitlines()[1:]
+        assert len(rows) == 3 and all(row.endswith(",") for row in rows)  # no error column
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+    leftover = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "ray processes left behind"
