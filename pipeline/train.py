@@ -66,7 +66,20 @@ def datamodule_for(params: Params, data_dir: Path) -> PTBDataModule:
     )
 
 
-def _trainer(params: Params, recipe: TrainParams, work_dir: Path, callbacks: list) -> pl.Trainer:
+def build_task(params: Params, cell: CellType, kind: Kind, vocab_size: int) -> LanguageModelTask:
+    recipe = params.train_fp if kind == "fp" else params.train_ternary
+    return LanguageModelTask(
+        params.build_model_config(cell, vocab_size, ternary=kind == "ternary"),
+        lr=recipe.lr,
+        lr_decay=recipe.lr_decay,
+        lr_patience=recipe.lr_patience,
+        eval_seed=params.seed,
+    )
+
+
+def build_trainer(
+    params: Params, recipe: TrainParams, work_dir: Path, callbacks: list
+) -> pl.Trainer:
     on_terminal = sys.stderr.isatty()  # a live bar for people; CI gets one line an epoch
     return pl.Trainer(
         max_epochs=recipe.epochs,
@@ -148,14 +161,7 @@ def _fit_and_test(
     recipe = params.train_fp if kind == "fp" else params.train_ternary
     pl.seed_everything(params.seed, workers=True)
     datamodule = datamodule_for(params, data_dir)
-    config = params.build_model_config(cell, datamodule.vocab_size, ternary=kind == "ternary")
-    task = LanguageModelTask(
-        config,
-        lr=recipe.lr,
-        lr_decay=recipe.lr_decay,
-        lr_patience=recipe.lr_patience,
-        eval_seed=params.seed,
-    )
+    task = build_task(params, cell, kind, datamodule.vocab_size)
     if init_from is not None:
         state = torch.load(init_from, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)  # same parameter layout: FP weights load unchanged
@@ -168,7 +174,7 @@ def _fit_and_test(
     )
     last = work_dir / "last.ckpt"
     # history before best: each checkpoint then holds the rows up to its own epoch.
-    trainer = _trainer(params, recipe, work_dir, [history, best])
+    trainer = build_trainer(params, recipe, work_dir, [history, best])
     trainer.fit(task, datamodule, ckpt_path=last if last.is_file() else None)
     metrics = {
         "train_ppl": history.rows[-1]["train_ppl"],

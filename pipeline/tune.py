@@ -30,10 +30,9 @@ import torch
 from pytorch_lightning.callbacks import Checkpoint
 
 from hitnet.language_model import CellType
-from hitnet.lightning_module import LanguageModelTask
 from pipeline.params import SEARCHED, Params, TuneParams, load_params
 from pipeline.tracking import StageRun, stage_run, tracking_uri
-from pipeline.train import datamodule_for, fingerprint
+from pipeline.train import build_task, build_trainer, datamodule_for, fingerprint
 
 
 def search_space(tune_params: TuneParams) -> dict[str, Any]:
@@ -93,16 +92,9 @@ def train_trial(
     from ray import tune
 
     params = trial_params(Params.model_validate_json(params_json), config)
-    recipe = params.train_ternary
     pl.seed_everything(params.seed, workers=True)
     datamodule = datamodule_for(params, Path(data_dir))
-    task = LanguageModelTask(
-        params.build_model_config(cell, datamodule.vocab_size, ternary=True),
-        lr=recipe.lr,
-        lr_decay=recipe.lr_decay,
-        lr_patience=recipe.lr_patience,
-        eval_seed=params.seed,
-    )
+    task = build_task(params, cell, "ternary", datamodule.vocab_size)
     resume_from = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -114,21 +106,9 @@ def train_trial(
         task.load_state_dict(state)
     task.model.recurrent.compile_recurrence(params.hardware.compile_mode())
     fail_at = params.tune.fail_at_epoch if checkpoint is None else None
-    trainer = pl.Trainer(
-        max_epochs=recipe.epochs,
-        gradient_clip_val=recipe.clip,
-        accelerator=params.hardware.accelerator,
-        devices=1,
-        precision=params.hardware.precision,
-        limit_train_batches=recipe.limit_train_batches,
-        limit_val_batches=recipe.limit_eval_batches,
-        callbacks=[_ReportToTune(fail_at)],
-        logger=False,
-        enable_checkpointing=True,  # _ReportToTune is the checkpoint callback: no default one
-        default_root_dir=tempfile.mkdtemp(),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+    # _ReportToTune is the checkpoint callback: Lightning adds no default one.
+    trainer = build_trainer(
+        params, params.train_ternary, Path(tempfile.mkdtemp()), [_ReportToTune(fail_at)]
     )
     trainer.fit(task, datamodule, ckpt_path=resume_from)
 
