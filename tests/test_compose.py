@@ -74,7 +74,7 @@ def test_mlflow_waits_for_a_healthy_postgres_and_uses_it():
     mlflow = SERVICES["mlflow"]
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
     command = " ".join(_command_words(mlflow["command"]))
-    assert "--backend-store-uri=postgresql://" in command
+    assert "--backend-store-uri=postgresql+psycopg2://" in command
     assert "--allowed-hosts=" in command and "--cors-allowed-origins=" in command
     assert "--serve-artifacts" in command
 
