@@ -69,3 +69,9 @@ class EpochHistory(Checkpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict["rows"])
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """The rows an ``EpochHistory`` wrote, as numbers."""
+    with Path(path).open(encoding="utf-8") as file:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(file)]

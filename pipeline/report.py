@@ -10,7 +10,6 @@ beside the paper's).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 from pathlib import Path
@@ -22,6 +21,7 @@ import matplotlib.pyplot as plt
 import pytorch_lightning as pl
 
 from hitnet.lightning_module import LanguageModelTask
+from pipeline.history import read_history
 from pipeline.params import Params, load_params
 from pipeline.tracking import stage_run
 from pipeline.train import datamodule_for
@@ -58,11 +58,6 @@ def test_perplexities(
         (result,) = trainer.test(task, datamodule, verbose=False)
         results.append(float(result["test_ppl"]))
     return results
-
-
-def _read_history(path: Path) -> list[dict[str, float]]:
-    with path.open(encoding="utf-8") as file:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(file)]
 
 
 def summarize(perplexities: list[float]) -> dict[str, float]:
@@ -158,7 +153,7 @@ def evaluate_models(params: Params, runs_dir: Path, data_dir: Path) -> tuple[dic
                 model_dir / "model.ckpt", params, data_dir, recipe.limit_eval_batches
             )
             results[cell][kind] = summarize(perplexities)
-            histories[cell][kind] = _read_history(model_dir / "history.csv")
+            histories[cell][kind] = read_history(model_dir / "history.csv")
     return results, histories
 
 

@@ -190,6 +190,9 @@ class UntrackedRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def __enter__(self) -> UntrackedRun:
         return self
 

@@ -27,7 +27,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from hitnet.data import PTBDataModule
 from hitnet.language_model import CellType
 from hitnet.lightning_module import LanguageModelTask
-from pipeline.history import EpochHistory
+from pipeline.history import EpochHistory, read_history
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.tracking import stage_run
 
@@ -137,11 +137,16 @@ def train(
             init_from=None if resuming else init_from,
             log_metrics=run.log_metrics,
         )
+        # Every epoch of the CSV once more: what a server outage kept from MLflow goes there
+        # now (the steps it already has are skipped).
+        for row in read_history(Path(out_dir) / "history.csv"):
+            epoch = int(row.pop("epoch"))
+            run.log_metrics(row, step=epoch)
         run.log_metrics({"test_ppl": metrics["test_ppl"]}, step=metrics["epochs"])
+        run.flush()  # a server still down: an error naming it; the checkpoints stay
         for artifact in ("metrics.json", "history.csv", "model.ckpt"):
             run.log_artifact(Path(out_dir) / artifact)
-    # Leaving the block finished the run, or raised naming the server if MLflow still cannot
-    # take the metrics, in which case the checkpoints stay for the rerun.
+    # Only a finished and recorded run lets go of its checkpoints.
     shutil.rmtree(work_dir, ignore_errors=True)
     print(f"{name}: test_ppl {metrics['test_ppl']:.2f} (best val_ppl {metrics['val_ppl']:.2f})")
     return metrics
