@@ -13,6 +13,18 @@ import yaml
 
 from tests.conftest import PTB_DIR, REPO_ROOT
 
+# Every stage of dvc.yaml, as its MLflow runs are tagged.
+STAGES = [
+    "prepare",
+    "train_fp@lstm",
+    "train_fp@gru",
+    "tune@lstm",
+    "tune@gru",
+    "train_ternary@lstm",
+    "train_ternary@gru",
+    "report",
+]
+
 # What a smoke run changes in params.yaml: a tiny model on a slice of PTB, 2 epochs, CPU.
 SMOKE = {
     "data": {"source": str(PTB_DIR), "max_tokens": 20_000},

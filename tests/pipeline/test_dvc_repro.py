@@ -13,18 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.pipeline.conftest import run_tool, tool_env
+from tests.pipeline.conftest import STAGES, run_tool, tool_env
 
-STAGES = [
-    "prepare",
-    "train_fp@lstm",
-    "train_fp@gru",
-    "tune@lstm",
-    "tune@gru",
-    "train_ternary@lstm",
-    "train_ternary@gru",
-    "report",
-]
 TRAINING = [stage for stage in STAGES if stage.startswith("train")]
 
 

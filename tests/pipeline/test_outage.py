@@ -4,70 +4,21 @@ checkpoints; once the server is back, a rerun puts every epoch in the same MLflo
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
 import subprocess
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from tests.pipeline.conftest import run_tool, tool_env, write_params
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def _start_server(folder: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [
-            "mlflow",
-            "server",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            "--workers=1",
-            f"--backend-store-uri=sqlite:///{folder / 'server.db'}",
-            "--serve-artifacts",
-            f"--artifacts-destination={folder / 'artifacts'}",
-        ],
-        env=tool_env(folder),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while not _healthy(f"http://127.0.0.1:{port}"):
-        assert server.poll() is None and time.monotonic() < deadline, "mlflow server not up"
-        time.sleep(0.5)
-    return server
-
-
-def _stop(server: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):  # already gone
-        os.killpg(server.pid, signal.SIGKILL)  # no goodbye: the server is simply gone
-    server.wait()
+from tests.pipeline.services import free_port, kill, start_mlflow_server
 
 
 @pytest.mark.slow
 def test_training_survives_a_tracking_server_outage(smoke_project, tmp_path):
     project = smoke_project
     write_params(project, {"train_fp": {"epochs": 3, "limit_train_batches": 40}})
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {
         **tool_env(project),
@@ -75,7 +26,8 @@ def test_training_survives_a_tracking_server_outage(smoke_project, tmp_path):
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # fail fast in the test; default: retry
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
     }
-    server = _start_server(tmp_path, port)
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    server = start_mlflow_server(tmp_path, port, backend)
     try:
         subprocess.run(
             ["python", "-m", "pipeline.prepare"],
@@ -99,7 +51,7 @@ def test_training_survives_a_tracking_server_outage(smoke_project, tmp_path):
             assert training.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        _stop(server)
+        kill(server)
         assert training.wait(timeout=600) != 0
         output = log.read_text()
         assert f"MLflow at {uri} failed" in output  # warned, and went on training
@@ -108,7 +60,7 @@ def test_training_survives_a_tracking_server_outage(smoke_project, tmp_path):
         assert (project / "runs" / "fp" / "lstm" / "metrics.json").is_file()
         assert list((project / "checkpoints").glob("train_fp-lstm-*/last.ckpt"))  # kept
 
-        server = _start_server(tmp_path, port)  # the server is back, with its store
+        server = start_mlflow_server(tmp_path, port, backend)  # back, with its store
         rerun = run_tool(
             project,
             "env",
@@ -129,4 +81,4 @@ def test_training_survives_a_tracking_server_outage(smoke_project, tmp_path):
         assert steps == [1, 2, 3] and run.info.status == "FINISHED"
         assert "test_ppl" in run.data.metrics
     finally:
-        _stop(server)
+        kill(server)

@@ -7,11 +7,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,30 +16,10 @@ import psycopg2
 import pytest
 from mlflow import MlflowClient
 
-from tests.pipeline.conftest import make_smoke_project, tool_env
+from tests.pipeline.conftest import STAGES, make_smoke_project, tool_env
+from tests.pipeline.services import free_port, kill, start_mlflow_server
 
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for(check, what: str, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"{what} did not come up"
-        time.sleep(0.5)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def _as_postgres(*command: str) -> list[str]:
@@ -57,7 +34,7 @@ def postgres() -> Iterator[str]:
     # Not under pytest's root-only tmp folders: the postgres user must reach this one.
     folder = Path(tempfile.mkdtemp(prefix="hitnet-pg-"))
     data = folder / "data"
-    port = _free_port()
+    port = free_port()
     password = secrets.token_hex(8)
     (folder / "pw").write_text(password)
     if os.geteuid() == 0:
@@ -110,39 +87,20 @@ def postgres() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def mlflow_server(postgres, tmp_path_factory) -> Iterator[str]:
-    artifacts = tmp_path_factory.mktemp("mlartifacts")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            "mlflow",
-            "server",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            f"--backend-store-uri={postgres}",
-            "--serve-artifacts",
-            f"--artifacts-destination={artifacts}",
-            "--workers=1",
-            f"--allowed-hosts=127.0.0.1:{port},localhost:{port}",
-        ],
-        env=tool_env(artifacts),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    server = start_mlflow_server(folder, port, postgres)
     try:
-        _wait_for(lambda: _answers(f"{uri}/health"), "mlflow server", seconds=120)
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        kill(server)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     folder = tmp_path_factory.mktemp("ray")
     env = {**tool_env(folder), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     host, port = address.split(":")
     commands = [
         [
@@ -184,16 +142,7 @@ def test_pipeline_records_every_stage_on_the_tracking_server_and_in_postgres(
     experiment = client.get_experiment_by_name("hitnet-ptb")
     runs = client.search_runs([experiment.experiment_id])
     stages = {run.data.tags["dvc.stage"] for run in runs}
-    assert stages == {
-        "prepare",
-        "train_fp@lstm",
-        "train_fp@gru",
-        "tune@lstm",
-        "tune@gru",
-        "train_ternary@lstm",
-        "train_ternary@gru",
-        "report",
-    }
+    assert stages == set(STAGES)
     for run in runs:
         if run.data.tags["dvc.stage"].startswith("train_"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")] == [1, 2]

@@ -7,7 +7,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from ray import tune
 from pipeline.params import Params, ParamsError, parse_params
 from pipeline.tune import search_space, trial_params
 from tests.pipeline.conftest import make_smoke_project, run_tool, tool_env, write_params
+from tests.pipeline.services import free_port
 
 
 def test_search_space_is_log_uniform_for_slopes_and_uniform_for_the_threshold():
@@ -107,12 +107,6 @@ def test_a_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(fp_
     assert len(rows) == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
     # Ray 2.60 authenticates every node and driver with one shared token.
@@ -121,7 +115,7 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
     }
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     head = [
         "ray",

@@ -1,0 +1,65 @@
+"""Real services for the tests, as local processes on 127.0.0.1: free ports, an MLflow
+tracking server, and stopping a process group for good."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.pipeline.conftest import tool_env
+
+
+def free_port() -> int:
+    """A port nothing listens on (the socket that found it is closed again)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def start_mlflow_server(folder: Path, port: int, backend_store_uri: str) -> subprocess.Popen:
+    """`mlflow server` with served artifacts under ``folder``; returns once /health answers."""
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "server",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            "--workers=1",
+            f"--backend-store-uri={backend_store_uri}",
+            "--serve-artifacts",
+            f"--artifacts-destination={folder / 'artifacts'}",
+            f"--allowed-hosts=127.0.0.1:{port},localhost:{port}",
+        ],
+        env=tool_env(folder),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not answers(f"http://127.0.0.1:{port}/health"):
+        if server.poll() is not None or time.monotonic() > deadline:
+            kill(server)
+            raise AssertionError(f"mlflow server on port {port} did not come up")
+        time.sleep(0.5)
+    return server
+
+
+def kill(process: subprocess.Popen) -> None:
+    """SIGKILL to the whole process group: no goodbye, as when a machine dies."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
