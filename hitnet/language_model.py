@@ -99,7 +99,8 @@ class RNNLanguageModel(nn.Module):
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> RecurrentState:
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
         zeros = torch.zeros(shape, device=device)
-        return (zeros, zeros.clone()) if self.config.cell == "lstm" else zeros
+        paired = self.config.cell == "lstm" or self.config.quant.gru_accumulator
+        return (zeros, zeros.clone()) if paired else zeros
 
     def forward(
         self,

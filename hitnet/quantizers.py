@@ -97,7 +97,9 @@ class QuantConfig:
 
     ``activations`` names the groups quantized by ``activation``: ``gates`` (sigmoid
     outputs), ``candidate`` (the tanh candidate) and ``hidden`` (h_t). The LSTM cell state
-    always stays full precision.
+    always stays full precision. ``gru_accumulator``: the GRU keeps a full-precision state
+    too (see ``hitnet.recurrent.gru_accumulator_step``); its ternary h_t still feeds the
+    recurrent matmul and the decoder.
     """
 
     weight: QuantizerName = "none"
@@ -107,6 +109,7 @@ class QuantConfig:
     ttq_scaled: bool = True
     uq_bits: int = 2
     btq_eval: BTQEvalMode = "stochastic"
+    gru_accumulator: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activations", frozenset(self.activations))

@@ -12,6 +12,8 @@ recurrence below, one time step at a time:
           c_t = f * c_{t-1} + i * g (full precision), h_t = Q_h(o * tanh(lt * c_t))
     GRU:  r, z = Q_g(sigmoid(ls * .)), n = Q_c(tanh(lt * (W_in x + b_in + r * (W_hn h + b_hn)))),
           h_t = Q_h((1 - z) * n + z * h_{t-1})
+    GRU with ``quant.gru_accumulator``: a full-precision a_t = (1 - z) * n + z * a_{t-1}
+          is the memory (as the LSTM's c_t) and h_t = Q_h(a_t) feeds W_hn / the decoder
 
 with weights W = Q_w(W_shadow) quantized once per forward pass. ``compile_recurrence``
 runs that same recurrence through ``torch.compile`` (the fast path on a GPU).
@@ -82,6 +84,29 @@ def gru_step(
     n = cell.candidate(torch.tanh(lt * (x_n + r * h_n)), _slot(uniform, 2))
     h = cell.hidden((1 - z) * n + z * h, _slot(uniform, 3))
     return h, h
+
+
+def gru_accumulator_step(
+    cell: Cell,
+    projected: Tensor,
+    state: tuple[Tensor, Tensor],
+    w_hh: Tensor,
+    b_hh: Tensor,
+    uniform: Tensor | None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """A GRU step whose memory ``a`` stays full precision; ``h = Q_h(a)`` is what the
+    matmuls see. Re-quantizing a ternary memory every step erases what it held; this keeps
+    the GRU's update an accumulator, as the LSTM's cell state is. Returns (h, (h, a))."""
+    h, a = state
+    x_r, x_z, x_n = projected.chunk(3, dim=1)
+    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
+    ls, lt = cell.lambda_sigma, cell.lambda_tanh
+    r = cell.gates(torch.sigmoid(ls * (x_r + h_r)), _slot(uniform, 0))
+    z = cell.gates(torch.sigmoid(ls * (x_z + h_z)), _slot(uniform, 1))
+    n = cell.candidate(torch.tanh(lt * (x_n + r * h_n)), _slot(uniform, 2))
+    a = (1 - z) * n + z * a
+    h = cell.hidden(a, _slot(uniform, 3))
+    return h, (h, a)
 
 
 Step = Callable[..., tuple[Tensor, object]]
@@ -162,6 +187,7 @@ class _SlopedRecurrence:
         return (
             self.fused_full_precision
             and self.quant.full_precision
+            and not self.quant.gru_accumulator  # a paired state is not torch's
             and self.lambda_sigma == 1.0
             and self.lambda_tanh == 1.0
         )
@@ -243,24 +269,36 @@ class SlopedLSTM(_SlopedRecurrence, nn.LSTM):
 
 
 class SlopedGRU(_SlopedRecurrence, nn.GRU):
-    """``torch.nn.GRU`` (sequence-first) with sloping factors and HitNet quantization."""
+    """``torch.nn.GRU`` (sequence-first) with sloping factors and HitNet quantization.
+
+    With ``quant.gru_accumulator`` the state is a pair (h, a), shaped as the LSTM's (h, c).
+    """
 
     noise_slots = 4  # r, z, n, h
-    step = staticmethod(gru_step)
+
+    @property
+    def step(self) -> Step:  # type: ignore[override]
+        return gru_accumulator_step if self.quant.gru_accumulator else gru_step
 
     def forward(  # type: ignore[override]
         self,
         input: Tensor,
-        hx: Tensor | None = None,
+        hx: Tensor | tuple[Tensor, Tensor] | None = None,
         generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
         self._check_input(input)
         if self.uses_fused_kernel:
             return nn.GRU.forward(self, input, hx)
         if hx is None:
             hx = input.new_zeros(self.num_layers, input.size(1), self.hidden_size)
-        output, final = self._run_layers(input, list(hx.unbind(0)), generator)
-        return output, torch.stack(final)
+            if self.quant.gru_accumulator:
+                hx = (hx, hx)
+        if not self.quant.gru_accumulator:
+            output, final = self._run_layers(input, list(hx.unbind(0)), generator)
+            return output, torch.stack(final)
+        initial = [(hx[0][layer], hx[1][layer]) for layer in range(self.num_layers)]
+        output, final = self._run_layers(input, initial, generator)
+        return output, (torch.stack([h for h, _ in final]), torch.stack([a for _, a in final]))
 
 
 RECURRENT_LAYERS: dict[str, type[SlopedLSTM] | type[SlopedGRU]] = {

@@ -63,6 +63,8 @@ class QuantParams(Section):
     lambda_sigma: PositiveFloat = 1.0
     lambda_tanh: PositiveFloat = 1.0
     ternary_embedding_decoder: bool = False
+    # GRU only: keep the memory full precision (as the LSTM's cell state); h_t stays ternary
+    gru_accumulator: bool = False
 
     def to_config(self) -> QuantConfig:
         return QuantConfig(
@@ -73,6 +75,7 @@ class QuantParams(Section):
             ttq_scaled=self.ttq_scaled,
             uq_bits=self.uq_bits,
             btq_eval=self.btq_eval,
+            gru_accumulator=self.gru_accumulator,
         )
 
 
@@ -84,6 +87,7 @@ class TrainParams(Section):
     lr_decay: Annotated[float, Field(gt=0, lt=1)] = 0.25
     lr_patience: Annotated[int, Field(ge=0)] = 0
     clip: PositiveFloat = 0.25
+    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None  # None: model.dropout
     limit_train_batches: PositiveInt | None = None  # smoke runs: batches per epoch
     limit_eval_batches: PositiveInt | None = None
 
@@ -174,6 +178,10 @@ class Params(Section):
         recipe = self.train_ternary.model_copy(update={"lr": lr})
         return self.model_copy(update={"quant": quant, "train_ternary": recipe})
 
+    def _dropout(self, ternary: bool) -> float:
+        recipe = self.train_ternary if ternary else self.train_fp
+        return self.model.dropout if recipe.dropout is None else recipe.dropout
+
     def build_model_config(self, cell: CellType, vocab_size: int, ternary: bool) -> ModelConfig:
         quant = self.quant
         return ModelConfig(
@@ -182,7 +190,7 @@ class Params(Section):
             embedding_size=self.model.embedding_size,
             hidden_size=self.model.hidden_size,
             num_layers=self.model.num_layers,
-            dropout=self.model.dropout,
+            dropout=self._dropout(ternary),
             tie_weights=self.model.tie_weights,
             quant=quant.to_config() if ternary else QuantConfig(),
             lambda_sigma=quant.lambda_sigma if ternary else 1.0,

@@ -113,7 +113,7 @@ def train_trial(
     trainer.fit(task, datamodule, ckpt_path=resume_from)
 
 
-def _connect(params: Params) -> None:
+def connect_ray() -> None:
     import ray
 
     # Workers get what they need through the runtime environment, not driver-only files.
@@ -126,7 +126,7 @@ def _connect(params: Params) -> None:
         ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
 
 
-def _tuner(params: Params, cell: CellType, data_dir: Path, fp_checkpoint: Path, name: str):
+def build_tuner(params: Params, cell: CellType, data_dir: Path, fp_checkpoint: Path, name: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -223,12 +223,13 @@ def sweep(
 
     if not Path(fp_checkpoint).is_file():
         raise FileNotFoundError(f"{fp_checkpoint}: no FP checkpoint for the sweep to start from")
-    used = {**params.model_dump(include={"seed", "data", "model", "quant", "tune"}), "cell": cell}
+    sections = {"seed", "data", "model", "quant", "train_ternary", "tune"}
+    used = {**params.model_dump(include=sections), "cell": cell}
     name = f"tune-{cell}-{fingerprint(used, fp_checkpoint)}"
     with stage_run(params.tracking, f"tune@{cell}", used) as parent:
-        _connect(params)
+        connect_ray()
         try:
-            results = _tuner(params, cell, data_dir, fp_checkpoint, name).fit()
+            results = build_tuner(params, cell, data_dir, fp_checkpoint, name).fit()
         finally:
             ray.shutdown()
         rows = _trial_rows(results)

@@ -1,5 +1,7 @@
 """The compiled recurrence (the GPU fast path) computes the reference recurrence's function."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -14,11 +16,18 @@ def _flat(state):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cls", [SlopedLSTM, SlopedGRU])
-def test_compiled_path_equals_reference_outputs_states_and_gradients(cls):
+@pytest.mark.parametrize(
+    ("cls", "quant"),
+    [
+        (SlopedLSTM, TERNARY),
+        (SlopedGRU, TERNARY),
+        (SlopedGRU, replace(TERNARY, gru_accumulator=True)),
+    ],
+)
+def test_compiled_path_equals_reference_outputs_states_and_gradients(cls, quant):
     torch.manual_seed(0)
-    reference = cls(6, 12, num_layers=2, quant=TERNARY, lambda_sigma=2.0, lambda_tanh=1.5)
-    compiled = cls(6, 12, num_layers=2, quant=TERNARY, lambda_sigma=2.0, lambda_tanh=1.5)
+    reference = cls(6, 12, num_layers=2, quant=quant, lambda_sigma=2.0, lambda_tanh=1.5)
+    compiled = cls(6, 12, num_layers=2, quant=quant, lambda_sigma=2.0, lambda_tanh=1.5)
     compiled.load_state_dict(reference.state_dict())
     compiled.compile_recurrence("default")  # inductor; on a GPU the pipeline adds CUDA graphs
     x = torch.randn(5, 3, 6)

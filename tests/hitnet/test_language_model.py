@@ -9,9 +9,19 @@ from hitnet.quantizers import QuantConfig
 TERNARY = QuantConfig(weight="ttq", activation="btq")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_forward_shapes_and_state_carry(cell):
-    model = RNNLanguageModel(ModelConfig(vocab_size=50, cell=cell, embedding_size=8, hidden_size=8))
+DETERMINISTIC_GRU_ACCUMULATOR = QuantConfig(
+    weight="ttq", activation="btq", btq_eval="deterministic", gru_accumulator=True
+)
+
+
+@pytest.mark.parametrize(
+    ("cell", "quant"),
+    [("lstm", QuantConfig()), ("gru", QuantConfig()), ("gru", DETERMINISTIC_GRU_ACCUMULATOR)],
+)
+def test_forward_shapes_and_state_carry(cell, quant):
+    config = ModelConfig(vocab_size=50, cell=cell, embedding_size=8, hidden_size=8, quant=quant)
+    model = RNNLanguageModel(config)
+    assert isinstance(model.initial_state(3), tuple) == (cell == "lstm" or quant.gru_accumulator)
     tokens = torch.randint(0, 50, (7, 3))
     logits, _ = model(tokens, model.initial_state(3))
     assert logits.shape == (7, 3, 50)

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hitnet.quantizers import QuantConfig
-from hitnet.recurrent import SlopedGRU, SlopedLSTM
+from hitnet.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
+from hitnet.recurrent import Cell, SlopedGRU, SlopedLSTM, gru_accumulator_step, gru_step
 
 TORCH_LAYER = {SlopedLSTM: torch.nn.LSTM, SlopedGRU: torch.nn.GRU}
 TERNARY = QuantConfig(weight="ttq", activation="btq")
@@ -198,3 +198,53 @@ def test_bad_shapes_and_slopes_are_rejected_with_clear_messages():
         SlopedLSTM(4, 8)(torch.randn(3, 5))
     with pytest.raises(ValueError, match="sloping factors must be > 0"):
         SlopedGRU(4, 8, lambda_sigma=-1.0)
+
+
+def test_gru_accumulator_without_quantization_is_torchs_gru():
+    torch.manual_seed(0)
+    reference = torch.nn.GRU(4, 8, num_layers=2)
+    layer = SlopedGRU(4, 8, num_layers=2, quant=QuantConfig(gru_accumulator=True))
+    layer.load_state_dict(reference.state_dict())
+    assert not layer.uses_fused_kernel  # its state is a pair, not torch's tensor
+    x, h0 = torch.randn(6, 3, 4), torch.randn(2, 3, 8)
+    out_ref, h_ref = reference(x, h0)
+    out, (h, memory) = layer(x, (h0, h0))
+    assert (out - out_ref).abs().max() < 1e-5
+    assert (h - h_ref).abs().max() < 1e-5 and (memory - h_ref).abs().max() < 1e-5
+
+
+def _hidden_only_cell(hidden: str) -> Cell:
+    config = QuantConfig(activation="btq", activations={hidden} if hidden else set())
+    quantizers = [ActivationQuantizer(config, group) for group in ("gates", "candidate", "hidden")]
+    return Cell(WeightQuantizer(config), *quantizers, lambda_sigma=1.0, lambda_tanh=1.0)
+
+
+def test_gru_accumulator_step_keeps_full_precision_memory_and_emits_ternary_h():
+    torch.manual_seed(0)
+    batch, hidden = 5, 7
+    projected = torch.randn(batch, 3 * hidden)
+    w_hh, b_hh = torch.randn(3 * hidden, hidden), torch.randn(3 * hidden)
+    h_prev = torch.randint(-1, 2, (batch, hidden)).float()
+    memory_prev = torch.rand(batch, hidden) * 2 - 1
+    uniform = torch.rand(4, batch, hidden)
+
+    h, (h_again, memory) = gru_accumulator_step(
+        _hidden_only_cell("hidden"), projected, (h_prev, memory_prev), w_hh, b_hh, uniform
+    )
+    # The memory is the GRU update of the full-precision memory, with gates computed from h.
+    x_r, x_z, x_n = projected.chunk(3, dim=1)
+    h_r, h_z, h_n = (h_prev @ w_hh.T + b_hh).chunk(3, dim=1)
+    r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+    expected = (1 - z) * torch.tanh(x_n + r * h_n) + z * memory_prev
+    assert (memory - expected).abs().max() < 1e-6
+    assert not set(memory.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    # h is BTQ of the memory, with slot 3's draws: sign(a) where u < |a|.
+    assert torch.equal(h, torch.sign(expected) * (uniform[3] < expected.abs()))
+    assert h is h_again
+
+    # Without hidden quantization it is the plain GRU step: h is the memory.
+    plain, _ = gru_step(_hidden_only_cell(""), projected, memory_prev, w_hh, b_hh, uniform)
+    h, (_, memory) = gru_accumulator_step(
+        _hidden_only_cell(""), projected, (memory_prev, memory_prev), w_hh, b_hh, uniform
+    )
+    assert torch.equal(h, plain) and torch.equal(memory, plain)

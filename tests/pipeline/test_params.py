@@ -213,6 +213,7 @@ def test_ternary_model_config_takes_the_quant_section(repo_raw: dict[str, Any]) 
         "lambda_sigma": 2.5,
         "lambda_tanh": 3.0,
         "ternary_embedding_decoder": True,
+        "gru_accumulator": True,
     }
     params = parse_params(deep_update(repo_raw, {"quant": quant}))
     config = params.build_model_config("gru", vocab_size=50, ternary=True)
@@ -225,10 +226,20 @@ def test_ternary_model_config_takes_the_quant_section(repo_raw: dict[str, Any]) 
         ttq_scaled=False,
         uq_bits=3,
         btq_eval="deterministic",
+        gru_accumulator=True,
     )
     assert config.lambda_sigma == 2.5
     assert config.lambda_tanh == 3.0
     assert config.ternary_embedding_decoder is True
+
+
+def test_each_recipe_may_override_the_model_dropout(repo_raw: dict[str, Any]) -> None:
+    params = parse_params(deep_update(repo_raw, {"train_ternary": {"dropout": 0.2}}))
+    assert params.build_model_config("lstm", vocab_size=50, ternary=True).dropout == 0.2
+    assert params.build_model_config("lstm", vocab_size=50, ternary=False).dropout == 0.5
+    params = parse_params(deep_update(repo_raw, {"train_fp": {"dropout": 0.0}}))
+    assert params.build_model_config("gru", vocab_size=50, ternary=False).dropout == 0.0
+    assert params.build_model_config("gru", vocab_size=50, ternary=True).dropout == 0.5
 
 
 def test_ternary_model_config_from_repo_params() -> None:
