@@ -60,7 +60,7 @@ class EpochHistory(Checkpoint):
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, fieldnames=HISTORY_COLUMNS)
+            writer = csv.DictWriter(file, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
             writer.writeheader()
             writer.writerows(self.rows)
 

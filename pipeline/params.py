@@ -79,6 +79,15 @@ class QuantParams(Section):
         )
 
 
+class RecipeOverride(Section):
+    """What one cell changes in a shared recipe (e.g. the GRU's lower ternary lr)."""
+
+    epochs: PositiveInt | None = None
+    lr: PositiveFloat | None = None
+    lr_patience: Annotated[int, Field(ge=0)] | None = None
+    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+
+
 class TrainParams(Section):
     """One training recipe (HITNET.md's classic one by default)."""
 
@@ -90,6 +99,13 @@ class TrainParams(Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] | None = None  # None: model.dropout
     limit_train_batches: PositiveInt | None = None  # smoke runs: batches per epoch
     limit_eval_batches: PositiveInt | None = None
+    per_cell: dict[CellType, RecipeOverride] = {}
+
+    def for_cell(self, cell: CellType) -> TrainParams:
+        """This recipe with ``per_cell[cell]``'s values in place (and no per_cell left)."""
+        override = self.per_cell.get(cell)
+        changes = {} if override is None else override.model_dump(exclude_none=True)
+        return self.model_copy(update={**changes, "per_cell": {}})
 
 
 class HardwareParams(Section):
@@ -174,12 +190,21 @@ class Params(Section):
         quant = self.quant.model_copy(
             update={key: float(values[key]) for key in SEARCHED[:3] if key in values}
         )
-        lr = float(values.get("lr", self.train_ternary.lr))
-        recipe = self.train_ternary.model_copy(update={"lr": lr})
+        recipe = self.train_ternary
+        if "lr" in values:  # a searched lr wins over every cell's own
+            per_cell = {
+                cell: override.model_copy(update={"lr": None})
+                for cell, override in recipe.per_cell.items()
+            }
+            recipe = recipe.model_copy(update={"lr": float(values["lr"]), "per_cell": per_cell})
         return self.model_copy(update={"quant": quant, "train_ternary": recipe})
 
-    def _dropout(self, ternary: bool) -> float:
-        recipe = self.train_ternary if ternary else self.train_fp
+    def recipe(self, kind: Literal["fp", "ternary"], cell: CellType) -> TrainParams:
+        """The training recipe one stage uses for one cell, per-cell values applied."""
+        return (self.train_fp if kind == "fp" else self.train_ternary).for_cell(cell)
+
+    def _dropout(self, cell: CellType, ternary: bool) -> float:
+        recipe = self.recipe("ternary" if ternary else "fp", cell)
         return self.model.dropout if recipe.dropout is None else recipe.dropout
 
     def build_model_config(self, cell: CellType, vocab_size: int, ternary: bool) -> ModelConfig:
@@ -190,7 +215,7 @@ class Params(Section):
             embedding_size=self.model.embedding_size,
             hidden_size=self.model.hidden_size,
             num_layers=self.model.num_layers,
-            dropout=self._dropout(ternary),
+            dropout=self._dropout(cell, ternary),
             tie_weights=self.model.tie_weights,
             quant=quant.to_config() if ternary else QuantConfig(),
             lambda_sigma=quant.lambda_sigma if ternary else 1.0,

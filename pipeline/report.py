@@ -148,7 +148,7 @@ def evaluate_models(params: Params, runs_dir: Path, data_dir: Path) -> tuple[dic
         for kind in KINDS:
             model_dir = Path(runs_dir) / kind / cell
             print(f"report: testing {kind} {cell}", flush=True)
-            recipe = params.train_fp if kind == "fp" else params.train_ternary
+            recipe = params.recipe(kind, cell)
             perplexities = test_perplexities(
                 model_dir / "model.ckpt", params, data_dir, recipe.limit_eval_batches
             )

@@ -67,7 +67,7 @@ def datamodule_for(params: Params, data_dir: Path) -> PTBDataModule:
 
 
 def build_task(params: Params, cell: CellType, kind: Kind, vocab_size: int) -> LanguageModelTask:
-    recipe = params.train_fp if kind == "fp" else params.train_ternary
+    recipe = params.recipe(kind, cell)
     return LanguageModelTask(
         params.build_model_config(cell, vocab_size, ternary=kind == "ternary"),
         lr=recipe.lr,
@@ -163,7 +163,7 @@ def _fit_and_test(
     log_metrics: Callable[[dict[str, float], int], None],
 ) -> dict[str, float]:
     """Fits from scratch, from ``init_from`` or from ``work_dir/last.ckpt``; writes out_dir."""
-    recipe = params.train_fp if kind == "fp" else params.train_ternary
+    recipe = params.recipe(kind, cell)
     pl.seed_everything(params.seed, workers=True)
     datamodule = datamodule_for(params, data_dir)
     task = build_task(params, cell, kind, datamodule.vocab_size)

@@ -48,10 +48,10 @@ def search_space(tune_params: TuneParams) -> dict[str, Any]:
     return space
 
 
-def trial_params(params: Params, config: dict[str, float]) -> Params:
+def trial_params(params: Params, cell: CellType, config: dict[str, float]) -> Params:
     """``params`` with one trial's searched values and the sweep's per-trial budget."""
     searched = params.with_searched(config)
-    recipe = searched.train_ternary.model_copy(
+    recipe = searched.recipe("ternary", cell).model_copy(
         update={
             "epochs": params.tune.epochs,
             "limit_train_batches": params.tune.limit_train_batches,
@@ -91,7 +91,7 @@ def train_trial(
     """One trial, run by a Ray worker: the ternary model from the FP checkpoint."""
     from ray import tune
 
-    params = trial_params(Params.model_validate_json(params_json), config)
+    params = trial_params(Params.model_validate_json(params_json), cell, config)
     pl.seed_everything(params.seed, workers=True)
     datamodule = datamodule_for(params, Path(data_dir))
     task = build_task(params, cell, "ternary", datamodule.vocab_size)

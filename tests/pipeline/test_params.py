@@ -43,10 +43,14 @@ def test_repo_params_give_the_classic_recipe() -> None:
     assert params.data.batch_size == 20
     assert params.data.bptt == 35
     for train in (params.train_fp, params.train_ternary):
-        assert train.lr == 20.0
         assert train.clip == 0.25
         assert train.epochs == 40
         assert train.lr_decay == 0.25
+    assert params.train_fp.lr == 20.0 and params.train_fp.per_cell == {}
+    # The ternary recipe of the GPU results (results/h100/search2.md), one per cell.
+    lstm, gru = params.recipe("ternary", "lstm"), params.recipe("ternary", "gru")
+    assert (lstm.lr, lstm.dropout, lstm.lr_patience) == (10.0, 0.4, 1)
+    assert (gru.lr, gru.dropout, gru.lr_patience) == (2.0, 0.2, 1)
     assert params.quant.weight == "ttq"
     assert params.quant.activation == "btq"
 
@@ -233,13 +237,44 @@ def test_ternary_model_config_takes_the_quant_section(repo_raw: dict[str, Any]) 
     assert config.ternary_embedding_decoder is True
 
 
-def test_each_recipe_may_override_the_model_dropout(repo_raw: dict[str, Any]) -> None:
-    params = parse_params(deep_update(repo_raw, {"train_ternary": {"dropout": 0.2}}))
+def test_each_recipe_may_override_the_model_dropout() -> None:
+    params = parse_params({"train_ternary": {"dropout": 0.2}})
     assert params.build_model_config("lstm", vocab_size=50, ternary=True).dropout == 0.2
     assert params.build_model_config("lstm", vocab_size=50, ternary=False).dropout == 0.5
-    params = parse_params(deep_update(repo_raw, {"train_fp": {"dropout": 0.0}}))
+    params = parse_params({"train_fp": {"dropout": 0.0}})
     assert params.build_model_config("gru", vocab_size=50, ternary=False).dropout == 0.0
     assert params.build_model_config("gru", vocab_size=50, ternary=True).dropout == 0.5
+
+
+def test_per_cell_values_replace_the_shared_recipe_for_that_cell_only(
+    repo_raw: dict[str, Any],
+) -> None:
+    per_cell = {"gru": {"lr": 2.0, "dropout": 0.1, "epochs": 7}}
+    params = parse_params(deep_update(repo_raw, {"train_ternary": {"per_cell": per_cell}}))
+    gru, lstm = params.recipe("ternary", "gru"), params.recipe("ternary", "lstm")
+    assert (gru.lr, gru.dropout, gru.epochs) == (2.0, 0.1, 7)
+    assert gru.clip == params.train_ternary.clip and gru.per_cell == {}
+    assert lstm == params.train_ternary.model_copy(update={"per_cell": {}})
+    assert params.recipe("fp", "gru") == params.train_fp
+    assert params.build_model_config("gru", vocab_size=50, ternary=True).dropout == 0.1
+    # A sweep's lr wins over the cell's own.
+    assert params.with_searched({"lr": 4.0}).recipe("ternary", "gru").lr == 4.0
+
+
+@pytest.mark.parametrize(
+    ("per_cell", "key"),
+    [
+        ({"rnn": {"lr": 1.0}}, "train_ternary.per_cell.rnn"),
+        ({"gru": {"momentum": 0.9}}, "train_ternary.per_cell.gru.momentum"),
+        ({"gru": {"lr": -1.0}}, "train_ternary.per_cell.gru.lr"),
+    ],
+)
+def test_bad_per_cell_values_name_their_key(
+    repo_raw: dict[str, Any], per_cell: dict, key: str
+) -> None:
+    with pytest.raises(ParamsError) as error:
+        parse_params(deep_update(repo_raw, {"train_ternary": {"per_cell": per_cell}}))
+    assert key in str(error.value)
 
 
 def test_ternary_model_config_from_repo_params() -> None:

@@ -33,12 +33,25 @@ def test_search_space_is_log_uniform_for_slopes_and_uniform_for_the_threshold():
 def test_trial_params_take_the_trial_values_and_the_sweep_budget():
     params = Params.model_validate({"tune": {"epochs": 3, "limit_train_batches": 7}})
     config = {"lambda_sigma": 2.5, "lambda_tanh": 1.5, "ttq_threshold": 0.9, "lr": 4.0}
-    trial = trial_params(params, config)
+    trial = trial_params(params, "lstm", config)
     assert (trial.quant.lambda_sigma, trial.quant.lambda_tanh) == (2.5, 1.5)
     assert trial.quant.ttq_threshold == 0.9 and trial.train_ternary.lr == 4.0
     assert trial.train_ternary.epochs == 3 and trial.train_ternary.limit_train_batches == 7
     best = params.with_searched({"lambda_sigma": 2.5, "lambda_tanh": 1.5, "ttq_threshold": 0.9})
     assert best.train_ternary.epochs == params.train_ternary.epochs  # the full recipe stays
+
+
+def test_trials_take_their_cells_recipe_but_the_sweeps_budget_and_lr():
+    gru = {"lr": 2.0, "dropout": 0.2, "epochs": 40}
+    params = Params.model_validate(
+        {"tune": {"epochs": 3}, "train_ternary": {"lr": 10.0, "per_cell": {"gru": gru}}}
+    )
+    searched = {"lambda_sigma": 1.0, "lambda_tanh": 1.0, "ttq_threshold": 0.7}
+    trial = trial_params(params, "gru", searched)
+    assert (trial.train_ternary.lr, trial.train_ternary.epochs) == (2.0, 3)
+    assert trial.build_model_config("gru", 50, ternary=True).dropout == 0.2
+    assert trial_params(params, "lstm", searched).train_ternary.lr == 10.0
+    assert trial_params(params, "gru", {**searched, "lr": 4.0}).train_ternary.lr == 4.0
 
 
 @pytest.mark.parametrize(

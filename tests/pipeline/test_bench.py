@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end on CPU and report what their tables promise.
+
+No timing is asserted (CI machines vary); the tests check that every level / variant was
+measured and that ratios are taken against the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline.conftest import run_tool
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_throughput_measures_every_concurrency_level(smoke_project: Path) -> None:
+    run_tool(smoke_project, sys.executable, "-m", "pipeline.prepare")
+    result = run_tool(
+        smoke_project,
+        sys.executable,
+        "bench/sweep_throughput.py",
+        *("--levels", "1", "2", "--epochs", "2"),
+        *("--limit-train-batches", "3", "--limit-eval-batches", "2"),
+        *("--json", "throughput.json"),
+    )
+    report = json.loads((smoke_project / "throughput.json").read_text())
+    assert report["device"] == "cpu"
+    rows = report["rows"]
+    assert [row["trials"] for row in rows] == [1, 2]
+    assert [row["trial_epochs"] for row in rows] == [2, 4]  # no trial was stopped early
+    for row in rows:
+        assert row["wall_epochs_per_min"] > 0 and row["steady_epochs_per_min"] > 0
+        steady = 60 * row["trials"] / row["steady_epoch_s"]
+        assert math.isclose(row["steady_epochs_per_min"], steady)
+    assert "| 1 | 0 |" in result.stdout and "(1.00x)" in result.stdout
+
+
+def test_step_time_reports_each_variant_against_torch(tmp_path: Path) -> None:
+    out = tmp_path / "step_time.json"
+    repo = Path(__file__).resolve().parents[2]
+    run_tool(
+        repo,
+        sys.executable,
+        "bench/step_time.py",
+        *("--device", "cpu", "--steps", "2", "--warmup", "1", "--cells", "gru"),
+        *("--json", str(out)),
+    )
+    results = json.loads(out.read_text())["results"]
+    baseline, *others = results
+    assert baseline["ratio"] == 1.0 and len(others) >= 3
+    for result in others:
+        assert math.isclose(result["ratio"], result["median_ms"] / baseline["median_ms"])
+        assert math.isfinite(result["final_loss"])
