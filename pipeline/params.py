@@ -18,10 +18,13 @@ from hitnet.quantizers import ACTIVATION_GROUPS, QuantConfig
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, lt=1)]
 
 
-# What a sweep searches; a sweep's best.json holds these keys (lr only when searched).
-SEARCHED = ("lambda_sigma", "lambda_tanh", "ttq_threshold", "lr")
+# What a sweep searches; a sweep's best.json holds these keys (lr, dropout only when searched).
+QUANT_SEARCHED = ("lambda_sigma", "lambda_tanh", "ttq_threshold")
+RECIPE_SEARCHED = ("lr", "dropout")  # of train_ternary
+SEARCHED = QUANT_SEARCHED + RECIPE_SEARCHED
 
 
 class ParamsError(ValueError):
@@ -48,7 +51,7 @@ class ModelParams(Section):
     embedding_size: PositiveInt = 300
     hidden_size: PositiveInt = 300
     num_layers: PositiveInt = 1
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    dropout: Probability = 0.5
     tie_weights: bool = False
 
 
@@ -85,7 +88,7 @@ class RecipeOverride(Section):
     epochs: PositiveInt | None = None
     lr: PositiveFloat | None = None
     lr_patience: Annotated[int, Field(ge=0)] | None = None
-    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+    dropout: Probability | None = None
 
 
 class TrainParams(Section):
@@ -96,7 +99,7 @@ class TrainParams(Section):
     lr_decay: Annotated[float, Field(gt=0, lt=1)] = 0.25
     lr_patience: Annotated[int, Field(ge=0)] = 0
     clip: PositiveFloat = 0.25
-    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None  # None: model.dropout
+    dropout: Probability | None = None  # None: model.dropout
     limit_train_batches: PositiveInt | None = None  # smoke runs: batches per epoch
     limit_eval_batches: PositiveInt | None = None
     per_cell: dict[CellType, RecipeOverride] = {}
@@ -124,6 +127,7 @@ class HardwareParams(Section):
 
 
 Range = Annotated[list[PositiveFloat], Field(min_length=2, max_length=2)]  # [low, high]
+DropoutRange = Annotated[list[Probability], Field(min_length=2, max_length=2)]
 
 
 class TuneParams(Section):
@@ -133,6 +137,7 @@ class TuneParams(Section):
     lambda_tanh: Range = [0.5, 4.0]  # log-uniform
     ttq_threshold: Range = [0.3, 1.2]  # uniform
     lr: Range | None = None  # log-uniform when set; else train_ternary.lr
+    dropout: DropoutRange | None = None  # uniform when set; else train_ternary.dropout
     num_samples: PositiveInt = 16
     epochs: PositiveInt = 4  # per trial; ASHA's max_t
     grace_period: PositiveInt = 1
@@ -147,7 +152,7 @@ class TuneParams(Section):
 
     @model_validator(mode="after")
     def _ranges_are_ordered(self) -> TuneParams:
-        for key in ("lambda_sigma", "lambda_tanh", "ttq_threshold", "lr"):
+        for key in SEARCHED:
             bounds = getattr(self, key)
             if bounds is not None and not bounds[0] < bounds[1]:
                 raise ValueError(f"tune.{key} must be [low, high] with low < high, got {bounds}")
@@ -188,15 +193,16 @@ class Params(Section):
     def with_searched(self, values: dict[str, float]) -> Params:
         """These params with searched values (a trial's, or a sweep's best) in place."""
         quant = self.quant.model_copy(
-            update={key: float(values[key]) for key in SEARCHED[:3] if key in values}
+            update={key: float(values[key]) for key in QUANT_SEARCHED if key in values}
         )
+        searched = {key: float(values[key]) for key in RECIPE_SEARCHED if key in values}
         recipe = self.train_ternary
-        if "lr" in values:  # a searched lr wins over every cell's own
+        if searched:  # a searched value wins over every cell's own
             per_cell = {
-                cell: override.model_copy(update={"lr": None})
+                cell: override.model_copy(update=dict.fromkeys(searched))
                 for cell, override in recipe.per_cell.items()
             }
-            recipe = recipe.model_copy(update={"lr": float(values["lr"]), "per_cell": per_cell})
+            recipe = recipe.model_copy(update={**searched, "per_cell": per_cell})
         return self.model_copy(update={"quant": quant, "train_ternary": recipe})
 
     def recipe(self, kind: Literal["fp", "ternary"], cell: CellType) -> TrainParams:

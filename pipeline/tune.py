@@ -1,4 +1,4 @@
-"""Stage `tune@cell`: a Ray Tune sweep of sloping factors and TTQ threshold (and lr).
+"""Stage `tune@cell`: a Ray Tune sweep of sloping factors and TTQ threshold (and lr, dropout).
 
 Each trial starts from the FP checkpoint and trains the ternary model for a few epochs,
 reporting ``val_ppl`` every epoch; ASHA stops poor trials early and Optuna proposes the next
@@ -34,6 +34,8 @@ from pipeline.params import SEARCHED, Params, TuneParams, load_params
 from pipeline.tracking import StageRun, stage_run, tracking_uri
 from pipeline.train import build_task, build_trainer, datamodule_for, fingerprint
 
+LOG_UNIFORM = ("lambda_sigma", "lambda_tanh", "lr")  # searched, and plotted, on a log scale
+
 
 def search_space(tune_params: TuneParams) -> dict[str, Any]:
     from ray import tune
@@ -45,6 +47,8 @@ def search_space(tune_params: TuneParams) -> dict[str, Any]:
     }
     if tune_params.lr is not None:
         space["lr"] = tune.loguniform(*tune_params.lr)
+    if tune_params.dropout is not None:
+        space["dropout"] = tune.uniform(*tune_params.dropout)
     return space
 
 
@@ -205,7 +209,7 @@ def _write_outputs(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
         axis.scatter([r[key] for r in finished], [r["best_val_ppl"] for r in finished])
         axis.scatter([best[key]], [best["best_val_ppl"]], color="red", label="best")
         axis.set(xlabel=key, ylabel="best val_ppl", yscale="log")
-        if key != "ttq_threshold":
+        if key in LOG_UNIFORM:
             axis.set_xscale("log")
         axis.legend(fontsize=8)
     figure.suptitle("sweep: validation perplexity against the searched parameters")

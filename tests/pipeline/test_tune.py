@@ -21,13 +21,15 @@ from tests.pipeline.services import free_port
 
 
 def test_search_space_is_log_uniform_for_slopes_and_uniform_for_the_threshold():
-    params = Params.model_validate({"tune": {"lambda_sigma": [0.5, 4.0], "lr": [1.0, 20.0]}})
+    tune_params = {"lambda_sigma": [0.5, 4.0], "lr": [1.0, 20.0], "dropout": [0.1, 0.5]}
+    params = Params.model_validate({"tune": tune_params})
     space = search_space(params.tune)
-    assert set(space) == {"lambda_sigma", "lambda_tanh", "ttq_threshold", "lr"}
+    assert set(space) == {"lambda_sigma", "lambda_tanh", "ttq_threshold", "lr", "dropout"}
+    assert isinstance(space["dropout"].get_sampler(), tune.search.sample.Float._Uniform)
     assert isinstance(space["lambda_sigma"].get_sampler(), tune.search.sample.LogUniform)
     assert isinstance(space["ttq_threshold"].get_sampler(), tune.search.sample.Float._Uniform)
     assert (space["lambda_sigma"].lower, space["lambda_sigma"].upper) == (0.5, 4.0)
-    assert "lr" not in search_space(Params().tune)  # lr is searched only when given a range
+    assert not {"lr", "dropout"} & set(search_space(Params().tune))  # only when given a range
 
 
 def test_trial_params_take_the_trial_values_and_the_sweep_budget():
@@ -52,6 +54,8 @@ def test_trials_take_their_cells_recipe_but_the_sweeps_budget_and_lr():
     assert trial.build_model_config("gru", 50, ternary=True).dropout == 0.2
     assert trial_params(params, "lstm", searched).train_ternary.lr == 10.0
     assert trial_params(params, "gru", {**searched, "lr": 4.0}).train_ternary.lr == 4.0
+    trial = trial_params(params, "gru", {**searched, "dropout": 0.35})
+    assert trial.build_model_config("gru", 50, ternary=True).dropout == 0.35
 
 
 @pytest.mark.parametrize(
@@ -62,6 +66,8 @@ def test_trials_take_their_cells_recipe_but_the_sweeps_budget_and_lr():
         ({"lambda_tanh": [-1.0, 2.0]}, "tune.lambda_tanh"),
         ({"grace_period": 5, "epochs": 2}, "tune.grace_period must be <= tune.epochs"),
         ({"gpus_per_trial": -0.5}, "tune.gpus_per_trial"),
+        ({"dropout": [0.2, 1.0]}, "tune.dropout"),
+        ({"dropout": [0.5, 0.2]}, "tune.dropout must be [low, high] with low < high"),
     ],
 )
 def test_bad_tune_params_are_rejected(tune_params, message):
