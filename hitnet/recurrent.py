@@ -67,6 +67,25 @@ def lstm_step(
     return h, (h, c)
 
 
+def _gru_update(
+    cell: Cell,
+    projected: Tensor,
+    h: Tensor,
+    memory: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor,
+    uniform: Tensor | None,
+) -> Tensor:
+    """(1 - z) * n + z * memory, with gates and candidate computed from h."""
+    x_r, x_z, x_n = projected.chunk(3, dim=1)
+    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
+    ls, lt = cell.lambda_sigma, cell.lambda_tanh
+    r = cell.gates(torch.sigmoid(ls * (x_r + h_r)), _slot(uniform, 0))
+    z = cell.gates(torch.sigmoid(ls * (x_z + h_z)), _slot(uniform, 1))
+    n = cell.candidate(torch.tanh(lt * (x_n + r * h_n)), _slot(uniform, 2))
+    return (1 - z) * n + z * memory
+
+
 def gru_step(
     cell: Cell,
     projected: Tensor,
@@ -76,13 +95,7 @@ def gru_step(
     uniform: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """One GRU step; ``uniform`` holds the draws for r, z, n, h. Returns (h, h)."""
-    x_r, x_z, x_n = projected.chunk(3, dim=1)
-    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
-    ls, lt = cell.lambda_sigma, cell.lambda_tanh
-    r = cell.gates(torch.sigmoid(ls * (x_r + h_r)), _slot(uniform, 0))
-    z = cell.gates(torch.sigmoid(ls * (x_z + h_z)), _slot(uniform, 1))
-    n = cell.candidate(torch.tanh(lt * (x_n + r * h_n)), _slot(uniform, 2))
-    h = cell.hidden((1 - z) * n + z * h, _slot(uniform, 3))
+    h = cell.hidden(_gru_update(cell, projected, h, h, w_hh, b_hh, uniform), _slot(uniform, 3))
     return h, h
 
 
@@ -98,13 +111,7 @@ def gru_accumulator_step(
     matmuls see. Re-quantizing a ternary memory every step erases what it held; this keeps
     the GRU's update an accumulator, as the LSTM's cell state is. Returns (h, (h, a))."""
     h, a = state
-    x_r, x_z, x_n = projected.chunk(3, dim=1)
-    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
-    ls, lt = cell.lambda_sigma, cell.lambda_tanh
-    r = cell.gates(torch.sigmoid(ls * (x_r + h_r)), _slot(uniform, 0))
-    z = cell.gates(torch.sigmoid(ls * (x_z + h_z)), _slot(uniform, 1))
-    n = cell.candidate(torch.tanh(lt * (x_n + r * h_n)), _slot(uniform, 2))
-    a = (1 - z) * n + z * a
+    a = _gru_update(cell, projected, h, a, w_hh, b_hh, uniform)
     h = cell.hidden(a, _slot(uniform, 3))
     return h, (h, a)
 
