@@ -38,6 +38,8 @@ class LanguageModelTask(pl.LightningModule):
         lr_decay: float = 0.25,
         lr_patience: int = 0,
         eval_seed: int = 0,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         config = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
@@ -46,6 +48,11 @@ class LanguageModelTask(pl.LightningModule):
                 f"need lr > 0, 0 < lr_decay < 1, lr_patience >= 0; got {lr}, {lr_decay}, "
                 f"{lr_patience}"
             )
+        if not 0 <= distill_weight <= 1 or distill_temperature <= 0:
+            raise ValueError(
+                "need 0 <= distill_weight <= 1 and distill_temperature > 0; got "
+                f"{distill_weight}, {distill_temperature}"
+            )
         self.save_hyperparameters(
             {
                 "model": config.to_dict(),
@@ -53,6 +60,8 @@ class LanguageModelTask(pl.LightningModule):
                 "lr_decay": lr_decay,
                 "lr_patience": lr_patience,
                 "eval_seed": eval_seed,
+                "distill_weight": distill_weight,
+                "distill_temperature": distill_temperature,
             }
         )
         self.model = RNNLanguageModel(config)
@@ -62,6 +71,18 @@ class LanguageModelTask(pl.LightningModule):
         self._token_count = 0
         self._resumed_rng: dict[str, Any] | None = None
         self._resumed_plateau: dict[str, Any] | None = None
+        self._distillation: Distillation | None = None
+
+    def set_teacher(self, teacher: RNNLanguageModel) -> None:
+        """Distils from ``teacher`` (the full-precision model) while training.
+
+        The training loss becomes (1 - w) * cross-entropy + w * T^2 * KL(teacher || model)
+        on softmaxes at temperature T. The teacher is frozen and not part of this module's
+        state_dict: checkpoints hold the ternary model only.
+        """
+        if self.hparams.distill_weight == 0:
+            raise ValueError("set_teacher needs distill_weight > 0")
+        self._distillation = Distillation(teacher, self.hparams.distill_temperature)
 
     # --- shared by train / val / test -------------------------------------------------
     def _start_epoch(self, seeded: bool) -> None:
@@ -73,7 +94,8 @@ class LanguageModelTask(pl.LightningModule):
             self._generator = torch.Generator(device=self.device)
             self._generator.manual_seed(self.hparams.eval_seed)
 
-    def _window_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+    def _window_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Cross-entropy of one window (accumulated for the epoch's perplexity) and logits."""
         inputs, targets = batch
         if self._state is None:
             self._state = self.model.initial_state(inputs.size(1), self.device)
@@ -82,7 +104,7 @@ class LanguageModelTask(pl.LightningModule):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         self._nll_sum += loss.detach() * targets.numel()
         self._token_count += targets.numel()
-        return loss
+        return loss, logits
 
     def _log_perplexity(self, split: str) -> float:
         ppl = math.exp(self._nll_sum.item() / max(self._token_count, 1))
@@ -97,13 +119,18 @@ class LanguageModelTask(pl.LightningModule):
             _set_rng_state(self._resumed_rng)
             self._resumed_rng = None
         self._start_epoch(seeded=False)
+        if self._distillation is not None:
+            self._distillation.start_epoch(self.device)
         # The lr this epoch trains with (the plateau step after validation changes it).
         self._epoch_lr = self.optimizers().param_groups[0]["lr"]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._window_loss(batch)
+        loss, logits = self._window_loss(batch)  # train_ppl stays the plain cross-entropy
         self.log("train_loss", loss, prog_bar=True)
-        return loss
+        if self._distillation is None:
+            return loss
+        weight = self.hparams.distill_weight
+        return (1 - weight) * loss + weight * self._distillation.loss(batch[0], logits)
 
     def on_train_epoch_end(self) -> None:
         self._log_perplexity("train")
@@ -160,6 +187,36 @@ class LanguageModelTask(pl.LightningModule):
         # Both are applied later: the optimizer does not exist yet, and see on_train_epoch_start.
         self._resumed_rng = checkpoint.get("hitnet_rng")
         self._resumed_plateau = checkpoint.get("hitnet_plateau")
+
+
+class Distillation:
+    """A frozen teacher run alongside training, its state carried across windows as the
+    student's is; gives the soft-target term of the loss."""
+
+    def __init__(self, teacher: RNNLanguageModel, temperature: float) -> None:
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.temperature = temperature
+        self._state: RecurrentState | None = None
+
+    def start_epoch(self, device: torch.device) -> None:
+        self.teacher.to(device)
+        self._state = None
+
+    def loss(self, inputs: Tensor, student_logits: Tensor) -> Tensor:
+        """T^2 * KL(teacher || student) per token, on softmaxes at temperature T."""
+        with torch.no_grad():
+            if self._state is None:
+                self._state = self.teacher.initial_state(inputs.size(1), inputs.device)
+            teacher_logits, self._state = self.teacher(inputs, self._state)
+        vocab = student_logits.size(-1)
+        t = self.temperature
+        divergence = F.kl_div(
+            F.log_softmax(student_logits.view(-1, vocab) / t, dim=-1),
+            F.log_softmax(teacher_logits.view(-1, vocab) / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        return divergence * t * t
 
 
 def _get_rng_state() -> dict[str, Any]:

@@ -100,6 +100,9 @@ class TrainParams(Section):
     lr_patience: Annotated[int, Field(ge=0)] = 0
     clip: PositiveFloat = 0.25
     dropout: Probability | None = None  # None: model.dropout
+    # ternary only: weight of distillation from the FP model (0: plain cross-entropy)
+    distill_weight: Annotated[float, Field(ge=0, le=1)] = 0.0
+    distill_temperature: PositiveFloat = 1.0
     limit_train_batches: PositiveInt | None = None  # smoke runs: batches per epoch
     limit_eval_batches: PositiveInt | None = None
     per_cell: dict[CellType, RecipeOverride] = {}
@@ -188,6 +191,10 @@ class Params(Section):
     def _tie_needs_equal_sizes(self) -> Params:
         if self.model.tie_weights and self.model.embedding_size != self.model.hidden_size:
             raise ValueError("model.tie_weights needs model.embedding_size == model.hidden_size")
+        if self.train_fp.distill_weight > 0:
+            raise ValueError(
+                "train_fp.distill_weight must be 0: the FP model is the teacher, it has none"
+            )
         return self
 
     def with_searched(self, values: dict[str, float]) -> Params:

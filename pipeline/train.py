@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Literal
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from hitnet.data import PTBDataModule
@@ -74,7 +73,19 @@ def build_task(params: Params, cell: CellType, kind: Kind, vocab_size: int) -> L
         lr_decay=recipe.lr_decay,
         lr_patience=recipe.lr_patience,
         eval_seed=params.seed,
+        distill_weight=recipe.distill_weight,
+        distill_temperature=recipe.distill_temperature,
     )
+
+
+def start_from_fp(task: LanguageModelTask, fp_checkpoint: Path, load_weights: bool) -> None:
+    """A ternary model's link to its FP model: the initial weights (unless resuming) and,
+    when the recipe distils, the teacher."""
+    fp = LanguageModelTask.load_from_checkpoint(fp_checkpoint, map_location="cpu")
+    if load_weights:  # same parameter layout: FP weights load unchanged
+        task.model.load_state_dict(fp.model.state_dict())
+    if task.hparams.distill_weight > 0:
+        task.set_teacher(fp.model)
 
 
 def build_trainer(
@@ -109,9 +120,11 @@ def train(
     work_root: Path = Path("checkpoints"),
 ) -> dict[str, float]:
     """Trains (or resumes) one model, tests its best checkpoint, writes ``out_dir``."""
+    name = stage_name(kind, cell)
     if init_from is not None and not Path(init_from).is_file():
         raise FileNotFoundError(f"--init {init_from}: no full-precision checkpoint there")
-    name = stage_name(kind, cell)
+    if init_from is None and params.recipe(kind, cell).distill_weight > 0:
+        raise ValueError(f"{name}: distill_weight > 0 needs the FP model to distil from (--init)")
     used = used_params(params, kind)
     work_dir = Path(work_root) / f"{name.replace('@', '-')}-{fingerprint(used, init_from)}"
     last, run_id_file = work_dir / "last.ckpt", work_dir / "mlflow_run_id"
@@ -134,7 +147,8 @@ def train(
             data_dir,
             Path(out_dir),
             work_dir,
-            init_from=None if resuming else init_from,
+            init_from=init_from,
+            resuming=resuming,
             log_metrics=run.log_metrics,
         )
         # Every epoch of the CSV once more: what a server outage kept from MLflow goes there
@@ -160,16 +174,17 @@ def _fit_and_test(
     out_dir: Path,
     work_dir: Path,
     init_from: Path | None,
+    resuming: bool,
     log_metrics: Callable[[dict[str, float], int], None],
 ) -> dict[str, float]:
-    """Fits from scratch, from ``init_from`` or from ``work_dir/last.ckpt``; writes out_dir."""
+    """Fits from scratch, from ``init_from`` or, resuming, from ``work_dir/last.ckpt``;
+    writes out_dir."""
     recipe = params.recipe(kind, cell)
     pl.seed_everything(params.seed, workers=True)
     datamodule = datamodule_for(params, data_dir)
     task = build_task(params, cell, kind, datamodule.vocab_size)
     if init_from is not None:
-        state = torch.load(init_from, map_location="cpu", weights_only=True)["state_dict"]
-        task.load_state_dict(state)  # same parameter layout: FP weights load unchanged
+        start_from_fp(task, init_from, load_weights=not resuming)
     if not task.model.recurrent.uses_fused_kernel:  # cuDNN needs no compiling
         task.model.recurrent.compile_recurrence(params.hardware.compile_mode())
 

@@ -26,13 +26,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Checkpoint
 
 from hitnet.language_model import CellType
 from pipeline.params import SEARCHED, Params, TuneParams, load_params
 from pipeline.tracking import StageRun, stage_run, tracking_uri
-from pipeline.train import build_task, build_trainer, datamodule_for, fingerprint
+from pipeline.train import (
+    build_task,
+    build_trainer,
+    datamodule_for,
+    fingerprint,
+    start_from_fp,
+)
 
 LOG_UNIFORM = ("lambda_sigma", "lambda_tanh", "lr")  # searched, and plotted, on a log scale
 
@@ -105,9 +110,7 @@ def train_trial(
         with checkpoint.as_directory() as folder:
             resume_from = Path(tempfile.mkdtemp()) / "trial.ckpt"
             resume_from.write_bytes((Path(folder) / "trial.ckpt").read_bytes())
-    else:
-        state = torch.load(fp_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-        task.load_state_dict(state)
+    start_from_fp(task, Path(fp_checkpoint), load_weights=checkpoint is None)
     task.model.recurrent.compile_recurrence(params.hardware.compile_mode())
     fail_at = params.tune.fail_at_epoch if checkpoint is None else None
     # _ReportToTune is the checkpoint callback: Lightning adds no default one.

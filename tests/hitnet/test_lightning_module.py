@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from hitnet.data import PTBDataModule
 from hitnet.language_model import ModelConfig
-from hitnet.lightning_module import LanguageModelTask
+from hitnet.lightning_module import Distillation, LanguageModelTask
 from hitnet.quantizers import QuantConfig
 
 TERNARY = QuantConfig(weight="ttq", activation="btq")
@@ -88,6 +88,54 @@ def test_bad_optimisation_settings_are_rejected():
         _task(20, lr=0.0)
     with pytest.raises(ValueError, match="0 < lr_decay < 1"):
         _task(20, lr_decay=4.0)
+    with pytest.raises(ValueError, match="0 <= distill_weight <= 1"):
+        _task(20, distill_weight=1.5)
+    with pytest.raises(ValueError, match="distill_weight > 0"):
+        _task(20).set_teacher(_task(20).model)
+
+
+def test_distillation_term_is_t_squared_kl_from_teacher_to_student():
+    torch.manual_seed(0)
+    teacher = _task(20).model
+    tokens = torch.randint(0, 20, (5, 3))
+    with torch.no_grad():
+        teacher_logits, _ = teacher.eval()(tokens)
+    student_logits = teacher_logits + torch.randn_like(teacher_logits)
+    distillation = Distillation(teacher, temperature=2.0)
+    distillation.start_epoch(torch.device("cpu"))
+
+    p = F.softmax(teacher_logits / 2.0, -1).flatten(0, 1)
+    log_q = F.log_softmax(student_logits / 2.0, -1).flatten(0, 1)
+    expected = 4.0 * (p * (p.log() - log_q)).sum(-1).mean()
+    assert distillation.loss(tokens, student_logits) == pytest.approx(expected.item(), rel=1e-5)
+    distillation.start_epoch(torch.device("cpu"))
+    assert distillation.loss(tokens, teacher_logits).item() == pytest.approx(0.0, abs=1e-6)
+
+
+class _RecordTrainLoss(Callback):
+    def __init__(self) -> None:
+        self.pairs: list[tuple[float, float]] = []  # (optimised loss, cross-entropy)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.pairs.append((outputs["loss"].item(), trainer.callback_metrics["train_loss"].item()))
+
+
+@pytest.mark.parametrize("weight", [0.5, 1.0])
+def test_training_optimises_weighted_cross_entropy_plus_distillation(small_ptb, weight):
+    pl.seed_everything(0)
+    teacher = _task(small_ptb.vocab_size).model
+    student = _task(small_ptb.vocab_size, distill_weight=weight, lr=1e-9)
+    student.model.load_state_dict(teacher.state_dict())  # the same function: KL is 0
+    student.set_teacher(teacher)
+    record = _RecordTrainLoss()
+    _trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[record]).fit(
+        student, small_ptb
+    )
+    assert len(record.pairs) == 3
+    for optimised, cross_entropy in record.pairs:
+        assert cross_entropy > 1.0
+        assert optimised == pytest.approx((1 - weight) * cross_entropy, abs=1e-4)
+    assert not any(key.startswith("_") or "teacher" in key for key in student.state_dict())
 
 
 @pytest.mark.slow
@@ -119,21 +167,28 @@ class _RecordLosses(Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", [FULL_PRECISION, TERNARY], ids=["fp", "ternary"])
-def test_checkpoint_round_trip_resumes_exactly(small_ptb, tmp_path, quant):
+@pytest.mark.parametrize(
+    ("quant", "distill_weight"),
+    [(FULL_PRECISION, 0.0), (TERNARY, 0.0), (TERNARY, 0.5)],
+    ids=["fp", "ternary", "ternary-distilled"],
+)
+def test_checkpoint_round_trip_resumes_exactly(small_ptb, tmp_path, quant, distill_weight):
     limits = {"limit_train_batches": 6, "limit_val_batches": 3}
+    config = ModelConfig(
+        vocab_size=small_ptb.vocab_size, embedding_size=16, hidden_size=16, dropout=0.3
+    )
+    torch.manual_seed(7)
+    teacher = LanguageModelTask(config).model
 
     def task():
-        return LanguageModelTask(
-            ModelConfig(
-                vocab_size=small_ptb.vocab_size,
-                embedding_size=16,
-                hidden_size=16,
-                dropout=0.3,
-                quant=quant,
-            ),
+        task = LanguageModelTask(
+            ModelConfig(**{**config.__dict__, "quant": quant}),
             lr=20.0,
+            distill_weight=distill_weight,
         )
+        if distill_weight:
+            task.set_teacher(teacher)
+        return task
 
     pl.seed_everything(1)
     uninterrupted = _RecordLosses()

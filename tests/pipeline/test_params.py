@@ -128,6 +128,18 @@ BAD_VALUES = [
         "model.embedding_size == model.hidden_size",
         id="tie-unequal-sizes",
     ),
+    pytest.param(
+        {"train_ternary": {"distill_weight": 1.5}},
+        "train_ternary.distill_weight",
+        "less than or equal to 1",
+        id="distill-weight-above-one",
+    ),
+    pytest.param(
+        {"train_fp": {"distill_weight": 0.5}},
+        "train_fp.distill_weight",
+        "the FP model is the teacher",
+        id="fp-stage-distils",
+    ),
 ]
 
 

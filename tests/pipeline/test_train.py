@@ -1,0 +1,62 @@
+"""The training stage's link to the FP model: initial weights and distillation teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hitnet.lightning_module import LanguageModelTask
+from pipeline.params import Params
+from pipeline.train import train
+
+TINY = {
+    "data": {"max_tokens": 4000},
+    "model": {"embedding_size": 8, "hidden_size": 8},
+    "train_fp": {"epochs": 1, "limit_train_batches": 3, "limit_eval_batches": 2},
+    "train_ternary": {
+        "epochs": 2,
+        "limit_train_batches": 3,
+        "limit_eval_batches": 2,
+        "distill_weight": 0.5,
+        "distill_temperature": 2.0,
+    },
+    "hardware": {"accelerator": "cpu"},
+    "tracking": {"enabled": False},
+}
+
+
+def test_distillation_without_an_fp_model_fails_before_any_work(tmp_path: Path, ptb_dir):
+    params = Params.model_validate(TINY)
+    with pytest.raises(ValueError, match=r"train_ternary@gru: distill_weight > 0 .*--init"):
+        train(params, "gru", "ternary", ptb_dir, tmp_path / "out", work_root=tmp_path / "ck")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.slow
+def test_a_distilled_ternary_stage_trains_from_its_fp_model_and_saves_only_its_own_weights(
+    tmp_path: Path, ptb_dir, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    params = Params.model_validate(TINY)
+    train(params, "lstm", "fp", ptb_dir, tmp_path / "fp", work_root=tmp_path / "ck")
+    metrics = train(
+        params,
+        "lstm",
+        "ternary",
+        ptb_dir,
+        tmp_path / "ternary",
+        init_from=tmp_path / "fp" / "model.ckpt",
+        work_root=tmp_path / "ck",
+    )
+    assert metrics["epochs"] == 2 and torch.isfinite(torch.tensor(metrics["test_ppl"]))
+
+    fp = torch.load(tmp_path / "fp" / "model.ckpt", weights_only=True)["state_dict"]
+    ternary = torch.load(tmp_path / "ternary" / "model.ckpt", weights_only=True)["state_dict"]
+    assert ternary.keys() == fp.keys()  # the teacher is not saved with the model
+    assert not torch.equal(
+        ternary["model.recurrent.weight_hh_l0"], fp["model.recurrent.weight_hh_l0"]
+    )
+    task = LanguageModelTask.load_from_checkpoint(tmp_path / "ternary" / "model.ckpt")
+    assert task.hparams.distill_weight == 0.5 and task.model.config.quant.weight == "ttq"
