@@ -7,7 +7,7 @@ One class serves full precision and ternary: quantization lives in the recurrent
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -55,6 +55,16 @@ class ModelConfig:
         fields = asdict(self)
         fields["quant"]["activations"] = sorted(self.quant.activations)
         return fields
+
+    def full_precision(self) -> ModelConfig:
+        """The same model with quantization off and slopes 1 (what a ternary one starts from)."""
+        return replace(
+            self,
+            quant=QuantConfig(),
+            lambda_sigma=1.0,
+            lambda_tanh=1.0,
+            ternary_embedding_decoder=False,
+        )
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:

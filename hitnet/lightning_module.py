@@ -6,6 +6,9 @@ Hidden-state policy: reset to zeros at the start of every train/val/test epoch, 
 (and detached) across the batches of an epoch; checkpoints are taken at epoch ends, so a
 resumed run starts its next epoch exactly as an uninterrupted one. Checkpoints also hold the
 RNG states, so a resumed run draws the same dropout masks and BTQ noise.
+
+Optionally the loss also distils from a frozen teacher (the full-precision model a ternary one
+starts from): its softmax is a second, soft target (``set_teacher``).
 """
 
 from __future__ import annotations

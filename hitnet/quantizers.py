@@ -97,9 +97,10 @@ class QuantConfig:
 
     ``activations`` names the groups quantized by ``activation``: ``gates`` (sigmoid
     outputs), ``candidate`` (the tanh candidate) and ``hidden`` (h_t). The LSTM cell state
-    always stays full precision. ``gru_accumulator``: the GRU keeps a full-precision state
-    too (see ``hitnet.recurrent.gru_accumulator_step``); its ternary h_t still feeds the
-    recurrent matmul and the decoder.
+    always stays full precision. ``gru_accumulator``: the GRU keeps a separate memory too
+    (see ``hitnet.recurrent.gru_accumulator_step``); its ternary h_t still feeds the
+    recurrent matmul and the decoder. With gates and candidate ternary that memory is itself
+    ternary, so only configurations that leave one of them full precision see a difference.
     """
 
     weight: QuantizerName = "none"

@@ -19,6 +19,7 @@ from hitnet.quantizers import ACTIVATION_GROUPS, QuantConfig
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
+DistillWeight = Annotated[float, Field(ge=0, le=1)]
 
 
 # What a sweep searches; a sweep's best.json holds these keys (lr, dropout only when searched).
@@ -66,7 +67,7 @@ class QuantParams(Section):
     lambda_sigma: PositiveFloat = 1.0
     lambda_tanh: PositiveFloat = 1.0
     ternary_embedding_decoder: bool = False
-    # GRU only: keep the memory full precision (as the LSTM's cell state); h_t stays ternary
+    # GRU only: a memory apart from h_t, as the LSTM's cell state (see QuantConfig)
     gru_accumulator: bool = False
 
     def to_config(self) -> QuantConfig:
@@ -89,6 +90,8 @@ class RecipeOverride(Section):
     lr: PositiveFloat | None = None
     lr_patience: Annotated[int, Field(ge=0)] | None = None
     dropout: Probability | None = None
+    distill_weight: DistillWeight | None = None
+    distill_temperature: PositiveFloat | None = None
 
 
 class TrainParams(Section):
@@ -101,7 +104,7 @@ class TrainParams(Section):
     clip: PositiveFloat = 0.25
     dropout: Probability | None = None  # None: model.dropout
     # ternary only: weight of distillation from the FP model (0: plain cross-entropy)
-    distill_weight: Annotated[float, Field(ge=0, le=1)] = 0.0
+    distill_weight: DistillWeight = 0.0
     distill_temperature: PositiveFloat = 1.0
     limit_train_batches: PositiveInt | None = None  # smoke runs: batches per epoch
     limit_eval_batches: PositiveInt | None = None

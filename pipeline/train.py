@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from hitnet.data import PTBDataModule
@@ -80,12 +81,14 @@ def build_task(params: Params, cell: CellType, kind: Kind, vocab_size: int) -> L
 
 def start_from_fp(task: LanguageModelTask, fp_checkpoint: Path, load_weights: bool) -> None:
     """A ternary model's link to its FP model: the initial weights (unless resuming) and,
-    when the recipe distils, the teacher."""
-    fp = LanguageModelTask.load_from_checkpoint(fp_checkpoint, map_location="cpu")
+    when the recipe distils, the teacher: the same architecture, full precision."""
+    state = torch.load(fp_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     if load_weights:  # same parameter layout: FP weights load unchanged
-        task.model.load_state_dict(fp.model.state_dict())
+        task.load_state_dict(state)
     if task.hparams.distill_weight > 0:
-        task.set_teacher(fp.model)
+        teacher = LanguageModelTask(task.model.config.full_precision())
+        teacher.load_state_dict(state)
+        task.set_teacher(teacher.model)
 
 
 def build_trainer(

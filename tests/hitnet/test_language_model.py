@@ -93,3 +93,22 @@ def test_bad_model_config_is_rejected(kwargs, message):
     with pytest.raises(ValueError) as error:
         ModelConfig(vocab_size=10, **kwargs)
     assert message in str(error.value)
+
+
+def test_full_precision_config_is_the_same_model_unquantized():
+    config = ModelConfig(
+        vocab_size=50,
+        cell="gru",
+        embedding_size=8,
+        hidden_size=8,
+        dropout=0.3,
+        quant=TERNARY,
+        lambda_sigma=2.0,
+        lambda_tanh=3.0,
+        ternary_embedding_decoder=True,
+    )
+    fp = config.full_precision()
+    assert (fp.quant, fp.lambda_sigma, fp.lambda_tanh) == (QuantConfig(), 1.0, 1.0)
+    assert not fp.ternary_embedding_decoder
+    assert (fp.cell, fp.hidden_size, fp.dropout) == ("gru", 8, 0.3)
+    assert RNNLanguageModel(fp).recurrent.uses_fused_kernel

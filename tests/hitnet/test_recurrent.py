@@ -213,6 +213,23 @@ def test_gru_accumulator_without_quantization_is_torchs_gru():
     assert (h - h_ref).abs().max() < 1e-5 and (memory - h_ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gru_accumulator_equals_the_plain_gru_when_gates_and_candidate_are_ternary(training):
+    # Its memory (1 - z) * n + z * a then only ever holds -1, 0 or 1: nothing to keep.
+    torch.manual_seed(0)
+    plain = SlopedGRU(4, 8, quant=QuantConfig(weight="ttq", activation="btq"))
+    accumulator = SlopedGRU(
+        4, 8, quant=QuantConfig(weight="ttq", activation="btq", gru_accumulator=True)
+    )
+    accumulator.load_state_dict(plain.state_dict())
+    plain.train(training), accumulator.train(training)
+    x = torch.randn(20, 3, 4)
+    out, _ = plain(x, generator=torch.Generator().manual_seed(1))
+    out_acc, (_, memory) = accumulator(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, out_acc)
+    assert set(memory.unique().tolist()) <= {-1.0, 0.0, 1.0}
+
+
 def _hidden_only_cell(hidden: str) -> Cell:
     config = QuantConfig(activation="btq", activations={hidden} if hidden else set())
     quantizers = [ActivationQuantizer(config, group) for group in ("gates", "candidate", "hidden")]

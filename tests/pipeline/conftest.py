@@ -30,7 +30,12 @@ SMOKE = {
     "data": {"source": str(PTB_DIR), "max_tokens": 20_000},
     "model": {"embedding_size": 16, "hidden_size": 16},
     "train_fp": {"epochs": 2, "limit_train_batches": 8, "limit_eval_batches": 4},
-    "train_ternary": {"epochs": 2, "limit_train_batches": 8, "limit_eval_batches": 4},
+    "train_ternary": {
+        "epochs": 2,
+        "limit_train_batches": 8,
+        "limit_eval_batches": 4,
+        "per_cell": {"gru": {"epochs": 2}},  # the repo's GRU recipe sets its own
+    },
     "hardware": {"accelerator": "cpu"},
     "report": {"eval_seeds": [0, 1, 2]},
     "tune": {

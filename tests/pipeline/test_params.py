@@ -44,13 +44,15 @@ def test_repo_params_give_the_classic_recipe() -> None:
     assert params.data.bptt == 35
     for train in (params.train_fp, params.train_ternary):
         assert train.clip == 0.25
-        assert train.epochs == 40
         assert train.lr_decay == 0.25
-    assert params.train_fp.lr == 20.0 and params.train_fp.per_cell == {}
-    # The ternary recipe of the GPU results (results/h100/search2.md), one per cell.
+    assert params.train_fp.lr == 20.0 and params.train_fp.epochs == 40
+    assert params.train_fp.per_cell == {}
+    # The ternary recipe of the GPU results (results/h100/search*.md), one per cell.
     lstm, gru = params.recipe("ternary", "lstm"), params.recipe("ternary", "gru")
-    assert (lstm.lr, lstm.dropout, lstm.lr_patience) == (10.0, 0.4, 1)
-    assert (gru.lr, gru.dropout, gru.lr_patience) == (2.0, 0.2, 1)
+    assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.4, 1, 40)
+    assert (gru.lr, gru.dropout, gru.lr_patience, gru.epochs) == (2.0, 0.2, 1, 45)
+    assert (lstm.distill_weight, lstm.distill_temperature) == (0.9, 1.0)
+    assert (gru.distill_weight, gru.distill_temperature) == (0.9, 2.0)
     assert params.quant.weight == "ttq"
     assert params.quant.activation == "btq"
 
