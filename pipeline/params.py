@@ -194,10 +194,17 @@ class Params(Section):
     def _tie_needs_equal_sizes(self) -> Params:
         if self.model.tie_weights and self.model.embedding_size != self.model.hidden_size:
             raise ValueError("model.tie_weights needs model.embedding_size == model.hidden_size")
-        if self.train_fp.distill_weight > 0:
-            raise ValueError(
-                "train_fp.distill_weight must be 0: the FP model is the teacher, it has none"
-            )
+        return self
+
+    @model_validator(mode="after")
+    def _fp_stage_has_no_teacher(self) -> Params:
+        overrides = {f"per_cell.{cell}.": o for cell, o in self.train_fp.per_cell.items()}
+        for where, recipe in {"": self.train_fp, **overrides}.items():
+            if recipe.distill_weight:
+                raise ValueError(
+                    f"train_fp.{where}distill_weight must be 0: the FP model is the teacher, "
+                    "it has none"
+                )
         return self
 
     def with_searched(self, values: dict[str, float]) -> Params:

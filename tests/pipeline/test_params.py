@@ -142,6 +142,12 @@ BAD_VALUES = [
         "the FP model is the teacher",
         id="fp-stage-distils",
     ),
+    pytest.param(
+        {"train_fp": {"per_cell": {"gru": {"distill_weight": 0.5}}}},
+        "train_fp.per_cell.gru.distill_weight",
+        "the FP model is the teacher",
+        id="fp-stage-distils-one-cell",
+    ),
 ]
 
 
