@@ -12,8 +12,9 @@ recurrence below, one time step at a time:
           c_t = f * c_{t-1} + i * g (full precision), h_t = Q_h(o * tanh(lt * c_t))
     GRU:  r, z = Q_g(sigmoid(ls * .)), n = Q_c(tanh(lt * (W_in x + b_in + r * (W_hn h + b_hn)))),
           h_t = Q_h((1 - z) * n + z * h_{t-1})
-    GRU with ``quant.gru_accumulator``: a full-precision a_t = (1 - z) * n + z * a_{t-1}
-          is the memory (as the LSTM's c_t) and h_t = Q_h(a_t) feeds W_hn / the decoder
+    GRU with ``quant.gru_accumulator``: a_t = (1 - z) * n + z * a_{t-1} is the memory (as
+          the LSTM's c_t) and h_t = Q_h(a_t) feeds W_hn / the decoder; with z and n
+          ternary a_t is itself ternary, so this equals the plain GRU
 
 with weights W = Q_w(W_shadow) quantized once per forward pass. ``compile_recurrence``
 runs that same recurrence through ``torch.compile`` (the fast path on a GPU).
@@ -107,9 +108,9 @@ def gru_accumulator_step(
     b_hh: Tensor,
     uniform: Tensor | None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """A GRU step whose memory ``a`` stays full precision; ``h = Q_h(a)`` is what the
-    matmuls see. Re-quantizing a ternary memory every step erases what it held; this keeps
-    the GRU's update an accumulator, as the LSTM's cell state is. Returns (h, (h, a))."""
+    """A GRU step whose memory ``a`` is kept apart from ``h = Q_h(a)``, what the matmuls
+    see, as the LSTM's cell state is. ``a`` holds more than {-1, 0, 1} only when gates or
+    candidate stay full precision; otherwise this equals ``gru_step``. Returns (h, (h, a))."""
     h, a = state
     a = _gru_update(cell, projected, h, a, w_hh, b_hh, uniform)
     h = cell.hidden(a, _slot(uniform, 3))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -50,12 +51,14 @@ SMOKE = {
 
 
 def deep_update(base: dict, changes: dict) -> dict:
+    """A copy of ``base`` with ``changes`` merged in, section by section."""
+    merged = copy.deepcopy(base)
     for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_update(merged[key], value)
         else:
-            base[key] = value
-    return base
+            merged[key] = value
+    return merged
 
 
 def write_params(project: Path, changes: dict) -> None:

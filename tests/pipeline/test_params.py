@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import yaml
 from hitnet.quantizers import QuantConfig
 from pipeline.params import HardwareParams, ParamsError, load_params, parse_params
 from tests.conftest import REPO_ROOT
+from tests.pipeline.conftest import deep_update
 
 REPO_PARAMS = REPO_ROOT / "params.yaml"
 
@@ -20,17 +20,6 @@ REPO_PARAMS = REPO_ROOT / "params.yaml"
 def repo_raw() -> dict[str, Any]:
     """The repository's params.yaml, parsed but not validated."""
     return yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
-
-
-def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``base`` with ``changes`` merged in, section by section."""
-    merged = copy.deepcopy(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_update(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def test_repo_params_give_the_classic_recipe() -> None:

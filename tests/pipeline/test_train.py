@@ -10,21 +10,16 @@ import torch
 from hitnet.lightning_module import LanguageModelTask
 from pipeline.params import Params
 from pipeline.train import train
+from tests.pipeline.conftest import SMOKE, deep_update
 
-TINY = {
-    "data": {"max_tokens": 4000},
-    "model": {"embedding_size": 8, "hidden_size": 8},
-    "train_fp": {"epochs": 1, "limit_train_batches": 3, "limit_eval_batches": 2},
-    "train_ternary": {
-        "epochs": 2,
-        "limit_train_batches": 3,
-        "limit_eval_batches": 2,
-        "distill_weight": 0.5,
-        "distill_temperature": 2.0,
+# The smoke run's tiny model, distilled, without MLflow.
+TINY = deep_update(
+    SMOKE,
+    {
+        "train_ternary": {"distill_weight": 0.5, "distill_temperature": 2.0},
+        "tracking": {"enabled": False},
     },
-    "hardware": {"accelerator": "cpu"},
-    "tracking": {"enabled": False},
-}
+)
 
 
 def test_distillation_without_an_fp_model_fails_before_any_work(tmp_path: Path, ptb_dir):
@@ -50,7 +45,9 @@ def test_a_distilled_ternary_stage_trains_from_its_fp_model_and_saves_only_its_o
         init_from=tmp_path / "fp" / "model.ckpt",
         work_root=tmp_path / "ck",
     )
-    assert metrics["epochs"] == 2 and torch.isfinite(torch.tensor(metrics["test_ppl"]))
+    assert metrics["epochs"] == SMOKE["train_ternary"]["epochs"] and torch.isfinite(
+        torch.tensor(metrics["test_ppl"])
+    )
 
     fp = torch.load(tmp_path / "fp" / "model.ckpt", weights_only=True)["state_dict"]
     ternary = torch.load(tmp_path / "ternary" / "model.ckpt", weights_only=True)["state_dict"]
