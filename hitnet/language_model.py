@@ -104,7 +104,7 @@ class RNNLanguageModel(nn.Module):
         if not self.config.ternary_embedding_decoder:
             return weight
         quant = self.config.quant
-        return ternarize_threshold(weight, quant.ttq_threshold, quant.ttq_scaled)
+        return ternarize_threshold(weight, quant.ttq_threshold, quant.ttq_scaled, quant.ttq_per_row)
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> RecurrentState:
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)

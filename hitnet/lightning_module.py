@@ -8,7 +8,9 @@ resumed run starts its next epoch exactly as an uninterrupted one. Checkpoints a
 RNG states, so a resumed run draws the same dropout masks and BTQ noise.
 
 Optionally the loss also distils from a frozen teacher (the full-precision model a ternary one
-starts from): its softmax is a second, soft target (``set_teacher``).
+starts from): its softmax is a second, soft target (``set_teacher``). And from epoch
+``average_from_epoch`` on it keeps the running mean of the weights over every step
+(``hitnet.averaging``): validation measures the mean, and checkpoints save it as the model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
+from hitnet.averaging import WeightAverage
 from hitnet.language_model import ModelConfig, RecurrentState, RNNLanguageModel, detach_state
 
 SPLIT_METRIC = {"train": "train_ppl", "val": "val_ppl", "test": "test_ppl"}
@@ -43,6 +46,7 @@ class LanguageModelTask(pl.LightningModule):
         eval_seed: int = 0,
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
+        average_from_epoch: int | None = None,
     ) -> None:
         super().__init__()
         config = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
@@ -56,6 +60,8 @@ class LanguageModelTask(pl.LightningModule):
                 "need 0 <= distill_weight <= 1 and distill_temperature > 0; got "
                 f"{distill_weight}, {distill_temperature}"
             )
+        if average_from_epoch is not None and average_from_epoch < 1:
+            raise ValueError(f"average_from_epoch counts from 1, got {average_from_epoch}")
         self.save_hyperparameters(
             {
                 "model": config.to_dict(),
@@ -65,6 +71,7 @@ class LanguageModelTask(pl.LightningModule):
                 "eval_seed": eval_seed,
                 "distill_weight": distill_weight,
                 "distill_temperature": distill_temperature,
+                "average_from_epoch": average_from_epoch,
             }
         )
         self.model = RNNLanguageModel(config)
@@ -75,6 +82,8 @@ class LanguageModelTask(pl.LightningModule):
         self._resumed_rng: dict[str, Any] | None = None
         self._resumed_plateau: dict[str, Any] | None = None
         self._distillation: Distillation | None = None
+        self._average: WeightAverage | None = None
+        self._resumed_average: dict[str, Any] | None = None
 
     def set_teacher(self, teacher: RNNLanguageModel) -> None:
         """Distils from ``teacher`` (the full-precision model) while training.
@@ -121,6 +130,9 @@ class LanguageModelTask(pl.LightningModule):
             # a resumed epoch draw from the RNG, which the uninterrupted run never did.
             _set_rng_state(self._resumed_rng)
             self._resumed_rng = None
+        if self._resumed_average is not None:
+            self._restore_average(self._resumed_average)
+            self._resumed_average = None
         self._start_epoch(seeded=False)
         if self._distillation is not None:
             self._distillation.start_epoch(self.device)
@@ -135,6 +147,15 @@ class LanguageModelTask(pl.LightningModule):
         weight = self.hparams.distill_weight
         return (1 - weight) * loss + weight * self._distillation.loss(batch[0], logits)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        start = self.hparams.average_from_epoch
+        if start is None or self.current_epoch + 1 < start:
+            return
+        if self._average is None:  # the first step of epoch ``start``
+            self._average = WeightAverage(self.model)
+        else:
+            self._average.update()
+
     def on_train_epoch_end(self) -> None:
         self._log_perplexity("train")
         self.log("lr", self._epoch_lr)
@@ -144,6 +165,8 @@ class LanguageModelTask(pl.LightningModule):
         # Validation runs before on_train_epoch_end: keep training's accumulators aside.
         self._train_snapshot = (self._state, self._nll_sum, self._token_count)
         self._start_epoch(seeded=True)
+        if self._average is not None:  # validate the averaged weights
+            self._average.swap()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._window_loss(batch)
@@ -153,6 +176,8 @@ class LanguageModelTask(pl.LightningModule):
         if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
             self.plateau.step(val_ppl)
         self._state, self._nll_sum, self._token_count = self._train_snapshot
+        if self._average is not None:  # back to the weights training goes on from
+            self._average.swap()
 
     def on_test_epoch_start(self) -> None:
         self._start_epoch(seeded=True)
@@ -185,11 +210,30 @@ class LanguageModelTask(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hitnet_rng"] = _get_rng_state()
         checkpoint["hitnet_plateau"] = self.plateau.state_dict()
+        if self._average is not None:
+            # The saved model is the averaged one (what val_ppl measured, what test and the
+            # report load); the weights training goes on from ride along for resuming.
+            state = checkpoint["state_dict"]
+            training = {}
+            for name, mean in self._average.mean.items():
+                training[name] = state[f"model.{name}"].clone()
+                state[f"model.{name}"] = mean.clone()
+            checkpoint["hitnet_average"] = {"count": self._average.count, "training": training}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Both are applied later: the optimizer does not exist yet, and see on_train_epoch_start.
+        # All are applied later: the optimizer does not exist yet, the weights are loaded
+        # after this hook, and see on_train_epoch_start.
         self._resumed_rng = checkpoint.get("hitnet_rng")
         self._resumed_plateau = checkpoint.get("hitnet_plateau")
+        self._resumed_average = checkpoint.get("hitnet_average")
+
+    def _restore_average(self, saved: dict[str, Any]) -> None:
+        """Resuming: the loaded weights are the mean; training goes on from its own."""
+        mean = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(saved["training"][name])
+        self._average = WeightAverage(self.model, saved["count"], mean)
 
 
 class Distillation:

@@ -38,19 +38,24 @@ def straight_through(x: Tensor, quantized: Tensor) -> Tensor:
     return _StraightThrough.apply(x, quantized.detach())
 
 
-def ternarize_threshold(w: Tensor, threshold: float = 0.7, scaled: bool = True) -> Tensor:
+def ternarize_threshold(
+    w: Tensor, threshold: float = 0.7, scaled: bool = True, per_row: bool = False
+) -> Tensor:
     """TTQ: delta = threshold * mean|w|; keep sign(w) where |w| > delta, else 0.
 
     The kept entries are scaled by alpha = mean |w| over them (TWN), or by 1 when
-    ``scaled`` is False, giving pure {-1, 0, 1}. Gradient: straight through to ``w``.
+    ``scaled`` is False, giving pure {-1, 0, 1}. ``per_row``: delta and alpha per row (one
+    output unit of a weight matrix) instead of one pair for the whole tensor. Gradient:
+    straight through to ``w``.
     """
     magnitude = w.detach().abs()
-    delta = threshold * magnitude.mean()
+    over = {"dim": -1, "keepdim": True} if per_row else {}  # the reductions' extent
+    delta = threshold * magnitude.mean(**over)
     keep = magnitude > delta
     ternary = torch.sign(w.detach()) * keep
     if scaled:
-        kept = keep.sum().clamp_min(1)
-        alpha = (magnitude * keep).sum() / kept
+        kept = keep.sum(**over).clamp_min(1)
+        alpha = (magnitude * keep).sum(**over) / kept
         ternary = ternary * alpha
     return straight_through(w, ternary.to(w.dtype))
 
@@ -108,6 +113,7 @@ class QuantConfig:
     activations: frozenset[str] = field(default_factory=lambda: ACTIVATION_GROUPS)
     ttq_threshold: float = 0.7
     ttq_scaled: bool = True
+    ttq_per_row: bool = False
     uq_bits: int = 2
     btq_eval: BTQEvalMode = "stochastic"
     gru_accumulator: bool = False
@@ -155,7 +161,10 @@ class WeightQuantizer(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         kind = self.config.weight
         if kind == "ttq":
-            return ternarize_threshold(weight, self.config.ttq_threshold, self.config.ttq_scaled)
+            config = self.config
+            return ternarize_threshold(
+                weight, config.ttq_threshold, config.ttq_scaled, config.ttq_per_row
+            )
         if kind == "uq":
             return quantize_uniform(weight, self.config.uq_bits)
         return weight

@@ -62,6 +62,7 @@ class QuantParams(Section):
     activations: list[Literal["gates", "candidate", "hidden"]] = sorted(ACTIVATION_GROUPS)
     ttq_threshold: Annotated[float, Field(ge=0, le=3)] = 0.7
     ttq_scaled: bool = True
+    ttq_per_row: bool = False  # a threshold and scale per output row, not per matrix
     uq_bits: Annotated[int, Field(ge=1, le=8)] = 2
     btq_eval: Literal["stochastic", "deterministic"] = "stochastic"
     lambda_sigma: PositiveFloat = 1.0
@@ -77,6 +78,7 @@ class QuantParams(Section):
             activations=frozenset(self.activations),
             ttq_threshold=self.ttq_threshold,
             ttq_scaled=self.ttq_scaled,
+            ttq_per_row=self.ttq_per_row,
             uq_bits=self.uq_bits,
             btq_eval=self.btq_eval,
             gru_accumulator=self.gru_accumulator,
@@ -92,6 +94,7 @@ class RecipeOverride(Section):
     dropout: Probability | None = None
     distill_weight: DistillWeight | None = None
     distill_temperature: PositiveFloat | None = None
+    average_from_epoch: PositiveInt | None = None
 
 
 class TrainParams(Section):
@@ -106,6 +109,8 @@ class TrainParams(Section):
     # ternary only: weight of distillation from the FP model (0: plain cross-entropy)
     distill_weight: DistillWeight = 0.0
     distill_temperature: PositiveFloat = 1.0
+    # evaluate and save the running mean of the weights over every step from this epoch on
+    average_from_epoch: PositiveInt | None = None
     limit_train_batches: PositiveInt | None = None  # smoke runs: batches per epoch
     limit_eval_batches: PositiveInt | None = None
     per_cell: dict[CellType, RecipeOverride] = {}
@@ -205,6 +210,22 @@ class Params(Section):
                     f"train_fp.{where}distill_weight must be 0: the FP model is the teacher, "
                     "it has none"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _averaging_starts_in_time(self) -> Params:
+        for kind, shared in (("fp", self.train_fp), ("ternary", self.train_ternary)):
+            for cell in self.cells:
+                recipe = shared.for_cell(cell)
+                start = recipe.average_from_epoch
+                if start is not None and start > recipe.epochs:
+                    override = shared.per_cell.get(cell)
+                    own = override is not None and override.average_from_epoch is not None
+                    key = f"train_{kind}.{f'per_cell.{cell}.' if own else ''}average_from_epoch"
+                    raise ValueError(
+                        f"{key} ({start}) is after the {cell}'s last epoch ({recipe.epochs}): "
+                        "its weights would never be averaged"
+                    )
         return self
 
     def with_searched(self, values: dict[str, float]) -> Params:

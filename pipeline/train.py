@@ -76,6 +76,7 @@ def build_task(params: Params, cell: CellType, kind: Kind, vocab_size: int) -> L
         eval_seed=params.seed,
         distill_weight=recipe.distill_weight,
         distill_temperature=recipe.distill_temperature,
+        average_from_epoch=recipe.average_from_epoch,
     )
 
 

@@ -138,6 +138,46 @@ def test_training_optimises_weighted_cross_entropy_plus_distillation(small_ptb, 
     assert not any(key.startswith("_") or "teacher" in key for key in student.state_dict())
 
 
+class _RecordWeights(Callback):
+    def __init__(self) -> None:
+        self.after_step: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        weights = {name: p.detach().clone() for name, p in pl_module.model.named_parameters()}
+        self.after_step.append((trainer.current_epoch, weights))
+
+
+def test_averaging_validates_and_saves_the_mean_of_every_step_from_its_epoch(small_ptb, tmp_path):
+    pl.seed_everything(0)
+    task = _task(small_ptb.vocab_size, TERNARY, average_from_epoch=2)
+    record = _RecordWeights()
+    trainer = _trainer(
+        max_epochs=2,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        enable_checkpointing=True,
+        callbacks=[record, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
+    trainer.fit(task, small_ptb)
+    averaged_val_ppl = trainer.callback_metrics["val_ppl"].item()
+
+    second_epoch = [weights for epoch, weights in record.after_step if epoch == 1]
+    last = second_epoch[-1]
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["hitnet_average"]["count"] == len(second_epoch) == 4
+    for name, trained in last.items():
+        mean = torch.stack([weights[name] for weights in second_epoch]).mean(0)
+        assert torch.allclose(saved["state_dict"][f"model.{name}"], mean, atol=1e-6)
+        assert torch.equal(saved["hitnet_average"]["training"][name], trained)
+        assert torch.equal(dict(task.model.named_parameters())[name], trained)  # swapped back
+    assert not torch.allclose(saved["state_dict"]["model.decoder.weight"], last["decoder.weight"])
+
+    # The checkpoint's model is the one validation measured: loaded alone, it scores the same.
+    loaded = LanguageModelTask.load_from_checkpoint(tmp_path / "last.ckpt")
+    (validated,) = _trainer(limit_val_batches=2).validate(loaded, small_ptb, verbose=False)
+    assert validated["val_ppl"] == pytest.approx(averaged_val_ppl, rel=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("cell", "quant", "slope"),
@@ -168,11 +208,13 @@ class _RecordLosses(Callback):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("quant", "distill_weight"),
-    [(FULL_PRECISION, 0.0), (TERNARY, 0.0), (TERNARY, 0.5)],
-    ids=["fp", "ternary", "ternary-distilled"],
+    ("quant", "distill_weight", "average_from_epoch"),
+    [(FULL_PRECISION, 0.0, None), (TERNARY, 0.0, None), (TERNARY, 0.5, None), (TERNARY, 0.0, 2)],
+    ids=["fp", "ternary", "ternary-distilled", "ternary-averaged"],
 )
-def test_checkpoint_round_trip_resumes_exactly(small_ptb, tmp_path, quant, distill_weight):
+def test_checkpoint_round_trip_resumes_exactly(
+    small_ptb, tmp_path, quant, distill_weight, average_from_epoch
+):
     limits = {"limit_train_batches": 6, "limit_val_batches": 3}
     config = ModelConfig(
         vocab_size=small_ptb.vocab_size, embedding_size=16, hidden_size=16, dropout=0.3
@@ -185,6 +227,7 @@ def test_checkpoint_round_trip_resumes_exactly(small_ptb, tmp_path, quant, disti
             ModelConfig(**{**config.__dict__, "quant": quant}),
             lr=20.0,
             distill_weight=distill_weight,
+            average_from_epoch=average_from_epoch,
         )
         if distill_weight:
             task.set_teacher(teacher)
@@ -192,7 +235,8 @@ def test_checkpoint_round_trip_resumes_exactly(small_ptb, tmp_path, quant, disti
 
     pl.seed_everything(1)
     uninterrupted = _RecordLosses()
-    _trainer(max_epochs=3, callbacks=[uninterrupted], **limits).fit(task(), small_ptb)
+    straight = _trainer(max_epochs=3, callbacks=[uninterrupted], **limits)
+    straight.fit(task(), small_ptb)
 
     pl.seed_everything(1)
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -220,3 +264,7 @@ def test_checkpoint_round_trip_resumes_exactly(small_ptb, tmp_path, quant, disti
     assert [loss for _, loss in resumed.losses] == pytest.approx(expected, rel=1e-6, abs=1e-6)
     assert second.current_epoch == 3
     assert resumed_task.plateau.last_epoch == 3
+    # the last validation (of the averaged weights, when averaging) matches too
+    assert second.callback_metrics["val_ppl"].item() == pytest.approx(
+        straight.callback_metrics["val_ppl"].item(), rel=1e-6
+    )

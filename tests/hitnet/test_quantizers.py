@@ -50,6 +50,27 @@ def test_ttq_unscaled_is_exactly_sign_above_threshold(seed, shape, threshold):
     assert set(q.unique().tolist()) <= {-1.0, 0.0, 1.0}
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, shape=shapes, threshold=st.floats(0.0, 1.5), scaled=st.booleans())
+def test_ttq_per_row_is_ttq_of_each_row_on_its_own(seed, shape, threshold, scaled):
+    w = _weights(seed, shape) * torch.rand(shape[0], 1) * 10  # rows of different scales
+    q = ternarize_threshold(w, threshold, scaled=scaled, per_row=True)
+    for row, quantized in zip(w, q, strict=True):
+        assert torch.allclose(quantized, ternarize_threshold(row, threshold, scaled=scaled))
+
+
+def test_ttq_per_row_example_by_hand():
+    # row 0 as in the whole-tensor example below; row 1 is ten times larger: its own alpha
+    w = torch.tensor([[-0.9, 0.1, 0.5, 0.1], [-9.0, 1.0, 5.0, 1.0]])
+    assert torch.allclose(
+        ternarize_threshold(w, 0.7, per_row=True),
+        torch.tensor([[-0.7, 0.0, 0.7, 0.0], [-7.0, 0.0, 7.0, 0.0]]),
+    )
+    # one delta (0.7 * 2.2) for both rows: row 0 is all zeros, row 1 gets alpha 7 again
+    whole = ternarize_threshold(w, 0.7, per_row=False)
+    assert torch.allclose(whole, torch.tensor([[0.0] * 4, [-7.0, 0.0, 7.0, 0.0]]))
+
+
 def test_ttq_threshold_zero_keeps_every_nonzero_weight_and_large_threshold_keeps_none():
     w = torch.tensor([[-0.3, 0.1], [0.2, -0.05]])
     assert torch.equal(ternarize_threshold(w, 0.0, scaled=False), torch.sign(w))
@@ -153,6 +174,9 @@ def test_quantizer_modules_follow_the_config():
     assert torch.equal(WeightQuantizer(QuantConfig())(w), w)
     ternary = WeightQuantizer(QuantConfig(weight="ttq", ttq_scaled=False))(w)
     assert set(ternary.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    per_row = WeightQuantizer(QuantConfig(weight="ttq", ttq_per_row=True))(w)
+    assert torch.equal(per_row, ternarize_threshold(w, 0.7, per_row=True))
+    assert not torch.equal(per_row, ternarize_threshold(w, 0.7))
     config = QuantConfig(activation="btq", activations={"gates"}, btq_eval="deterministic")
     assert torch.equal(ActivationQuantizer(config, "hidden")(w), w)
     gates = ActivationQuantizer(config, "gates")

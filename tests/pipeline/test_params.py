@@ -137,6 +137,24 @@ BAD_VALUES = [
         "the FP model is the teacher",
         id="fp-stage-distils-one-cell",
     ),
+    pytest.param(
+        {"train_ternary": {"epochs": 30, "average_from_epoch": 31}},
+        "train_ternary.average_from_epoch",
+        "after the lstm's last epoch (30)",
+        id="averaging-after-the-last-epoch",
+    ),
+    pytest.param(
+        {"train_fp": {"average_from_epoch": 20, "per_cell": {"gru": {"epochs": 10}}}},
+        "train_fp.average_from_epoch",
+        "after the gru's last epoch (10)",
+        id="averaging-after-one-cells-last-epoch",
+    ),
+    pytest.param(
+        {"train_ternary": {"per_cell": {"gru": {"average_from_epoch": 90}}}},
+        "train_ternary.per_cell.gru.average_from_epoch",
+        "after the gru's last epoch",
+        id="one-cells-averaging-after-its-last-epoch",
+    ),
 ]
 
 
@@ -221,6 +239,7 @@ def test_ternary_model_config_takes_the_quant_section(repo_raw: dict[str, Any]) 
         "activations": ["gates", "hidden"],
         "ttq_threshold": 0.5,
         "ttq_scaled": False,
+        "ttq_per_row": True,
         "uq_bits": 3,
         "btq_eval": "deterministic",
         "lambda_sigma": 2.5,
@@ -237,6 +256,7 @@ def test_ternary_model_config_takes_the_quant_section(repo_raw: dict[str, Any]) 
         activations=frozenset({"gates", "hidden"}),
         ttq_threshold=0.5,
         ttq_scaled=False,
+        ttq_per_row=True,
         uq_bits=3,
         btq_eval="deterministic",
         gru_accumulator=True,
