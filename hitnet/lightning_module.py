@@ -9,8 +9,9 @@ RNG states, so a resumed run draws the same dropout masks and BTQ noise.
 
 Optionally the loss also distils from a frozen teacher (the full-precision model a ternary one
 starts from): its softmax is a second, soft target (``set_teacher``). And from epoch
-``average_from_epoch`` on it keeps the running mean of the weights over every step
-(``hitnet.averaging``): validation measures the mean, and checkpoints save it as the model.
+``average_from_epoch`` on it trains as averaged SGD: the lr stays where it is, and the
+running mean of the weights over every step (``hitnet.averaging``) is what validation
+measures and checkpoints save as the model.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ class LanguageModelTask(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         val_ppl = self._log_perplexity("val")
-        if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+        fitting = self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
+        if fitting and self._average is None:  # averaged SGD keeps its lr constant
             self.plateau.step(val_ppl)
         self._state, self._nll_sum, self._token_count = self._train_snapshot
         if self._average is not None:  # back to the weights training goes on from

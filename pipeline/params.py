@@ -109,7 +109,8 @@ class TrainParams(Section):
     # ternary only: weight of distillation from the FP model (0: plain cross-entropy)
     distill_weight: DistillWeight = 0.0
     distill_temperature: PositiveFloat = 1.0
-    # evaluate and save the running mean of the weights over every step from this epoch on
+    # averaged SGD from this epoch on: the lr stays, and the running mean of the weights is
+    # what validation measures and checkpoints save
     average_from_epoch: PositiveInt | None = None
     limit_train_batches: PositiveInt | None = None  # smoke runs: batches per epoch
     limit_eval_batches: PositiveInt | None = None
