@@ -210,9 +210,17 @@ def _fit_and_test(
     metrics["test_ppl"] = float(test["test_ppl"])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(best.best_model_path, out_dir / "model.ckpt")
+    export_model(Path(best.best_model_path), out_dir / "model.ckpt")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics
+
+
+def export_model(checkpoint: Path, destination: Path) -> None:
+    """The stage's model file: the best checkpoint, less the weights an averaged run would
+    resume training from (its state_dict already holds the averaged model)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved.pop("hitnet_average", None)
+    torch.save(saved, destination)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,8 @@ def test_repo_params_give_the_classic_recipe() -> None:
     # The ternary recipe of the GPU results (results/h100/search*.md), one per cell.
     lstm, gru = params.recipe("ternary", "lstm"), params.recipe("ternary", "gru")
     assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.4, 1, 40)
-    assert (gru.lr, gru.dropout, gru.lr_patience, gru.epochs) == (2.0, 0.2, 1, 45)
+    assert (gru.lr, gru.dropout, gru.lr_patience, gru.epochs) == (2.0, 0.2, 1, 55)
+    assert (lstm.average_from_epoch, gru.average_from_epoch) == (None, 35)
     assert (lstm.distill_weight, lstm.distill_temperature) == (0.9, 1.0)
     assert (gru.distill_weight, gru.distill_temperature) == (0.9, 2.0)
     assert params.quant.weight == "ttq"
@@ -278,10 +279,10 @@ def test_each_recipe_may_override_the_model_dropout() -> None:
 def test_per_cell_values_replace_the_shared_recipe_for_that_cell_only(
     repo_raw: dict[str, Any],
 ) -> None:
-    per_cell = {"gru": {"lr": 2.0, "dropout": 0.1, "epochs": 7}}
+    per_cell = {"gru": {"lr": 2.0, "dropout": 0.1, "epochs": 7, "average_from_epoch": 5}}
     params = parse_params(deep_update(repo_raw, {"train_ternary": {"per_cell": per_cell}}))
     gru, lstm = params.recipe("ternary", "gru"), params.recipe("ternary", "lstm")
-    assert (gru.lr, gru.dropout, gru.epochs) == (2.0, 0.1, 7)
+    assert (gru.lr, gru.dropout, gru.epochs, gru.average_from_epoch) == (2.0, 0.1, 7, 5)
     assert gru.clip == params.train_ternary.clip and gru.per_cell == {}
     assert lstm == params.train_ternary.model_copy(update={"per_cell": {}})
     assert params.recipe("fp", "gru") == params.train_fp

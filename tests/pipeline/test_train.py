@@ -12,11 +12,15 @@ from pipeline.params import Params
 from pipeline.train import train
 from tests.pipeline.conftest import SMOKE, deep_update
 
-# The smoke run's tiny model, distilled, without MLflow.
+# The smoke run's tiny model, distilled and averaged in its last epoch, without MLflow.
 TINY = deep_update(
     SMOKE,
     {
-        "train_ternary": {"distill_weight": 0.5, "distill_temperature": 2.0},
+        "train_ternary": {
+            "distill_weight": 0.5,
+            "distill_temperature": 2.0,
+            "average_from_epoch": 2,
+        },
         "tracking": {"enabled": False},
     },
 )
@@ -30,7 +34,7 @@ def test_distillation_without_an_fp_model_fails_before_any_work(tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_a_distilled_ternary_stage_trains_from_its_fp_model_and_saves_only_its_own_weights(
+def test_a_distilled_averaged_ternary_stage_starts_from_its_fp_model_and_saves_one_model(
     tmp_path: Path, ptb_dir, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.chdir(tmp_path)
@@ -50,7 +54,9 @@ def test_a_distilled_ternary_stage_trains_from_its_fp_model_and_saves_only_its_o
     )
 
     fp = torch.load(tmp_path / "fp" / "model.ckpt", weights_only=True)["state_dict"]
-    ternary = torch.load(tmp_path / "ternary" / "model.ckpt", weights_only=True)["state_dict"]
+    saved = torch.load(tmp_path / "ternary" / "model.ckpt", weights_only=True)
+    assert "hitnet_average" not in saved  # the averaged model only, not the training weights
+    ternary = saved["state_dict"]
     assert ternary.keys() == fp.keys()  # the teacher is not saved with the model
     assert not torch.equal(
         ternary["model.recurrent.weight_hh_l0"], fp["model.recurrent.weight_hh_l0"]
