@@ -7,7 +7,10 @@ embedding 300, hidden 300, vocab 10,000, on random token ids. For each cell it t
   * ``torch.nn.LSTM`` / ``torch.nn.GRU`` (cuDNN on a GPU): the baseline;
   * the ``SlopedLSTM`` / ``SlopedGRU`` full-precision reference loop (quantization off,
     slopes 1, ``fused_full_precision=False``, so the Python per-step loop runs);
-  * the ternary layer: TTQ weights, BTQ activations, lambda_sigma = lambda_tanh = 1.
+  * the ternary layer: TTQ weights, BTQ activations, lambda_sigma = lambda_tanh = 1;
+  * the compiled ternary layer, and the same distilled as the ternary stage trains it: a
+    frozen full-precision teacher (torch's fused layer) runs forward in every step and the
+    loss is 0.1 * cross-entropy + 0.9 * KL(teacher || model).
 
 All variants share the same embedding / dropout 0.5 / decoder model (``RNNLanguageModel``);
 the baseline only swaps its recurrent layer for a plain torch module. The hidden state is
@@ -44,10 +47,12 @@ from hitnet.language_model import (
     RNNLanguageModel,
     detach_state,
 )
+from hitnet.lightning_module import Distillation
 from hitnet.quantizers import QuantConfig
 
 VOCAB, BATCH, BPTT, HIDDEN, EMBEDDING = 10_000, 20, 35, 300, 300
 LR, CLIP = 20.0, 0.25
+DISTILL_WEIGHT = 0.9
 TORCH_RNN: dict[str, type[nn.LSTM] | type[nn.GRU]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
@@ -67,6 +72,13 @@ class TorchRecurrent(nn.Module):
 def build_baseline(cell: str) -> RNNLanguageModel:
     model = RNNLanguageModel(ModelConfig(vocab_size=VOCAB, cell=cell, dropout=0.5))
     model.recurrent = TorchRecurrent(cell)
+    return model
+
+
+def build_teacher(cell: str) -> RNNLanguageModel:
+    """What the ternary stage distils from: the FP model, on torch's fused layer."""
+    model = RNNLanguageModel(ModelConfig(vocab_size=VOCAB, cell=cell, dropout=0.5))
+    assert model.recurrent.uses_fused_kernel
     return model
 
 
@@ -93,16 +105,18 @@ def build_ternary_compiled(cell: str, mode: str) -> RNNLanguageModel:
     return model
 
 
-def variants(cell: str, compile_mode: str) -> list[tuple[str, Callable[[str], RNNLanguageModel]]]:
+Variant = tuple[str, Callable[[str], RNNLanguageModel], bool]  # name, build, distilled
+
+
+def variants(cell: str, compile_mode: str) -> list[Variant]:
     layer = "SlopedLSTM" if cell == "lstm" else "SlopedGRU"
+    compiled = f"{layer} ternary, compiled {compile_mode}"
     return [
-        (f"torch.nn.{cell.upper()}", build_baseline),
-        (f"{layer} FP loop", build_fp_loop),
-        (f"{layer} ternary (TTQ w, BTQ a)", build_ternary),
-        (
-            f"{layer} ternary, compiled {compile_mode}",
-            lambda c: build_ternary_compiled(c, compile_mode),
-        ),
+        (f"torch.nn.{cell.upper()}", build_baseline, False),
+        (f"{layer} FP loop", build_fp_loop, False),
+        (f"{layer} ternary (TTQ w, BTQ a)", build_ternary, False),
+        (compiled, lambda c: build_ternary_compiled(c, compile_mode), False),
+        (f"{compiled} + distillation", lambda c: build_ternary_compiled(c, compile_mode), True),
     ]
 
 
@@ -125,10 +139,16 @@ def sync(device: torch.device) -> None:
 
 
 def time_variant(
-    model: RNNLanguageModel, device: torch.device, steps: int, warmup: int
+    model: RNNLanguageModel,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    distillation: Distillation | None = None,
 ) -> tuple[list[float], float | None, float]:
     """Per-step times in ms over ``steps`` timed steps, peak MiB (CUDA only), last loss."""
     model.to(device).train()
+    if distillation is not None:
+        distillation.start_epoch(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     tokens = torch.randint(VOCAB, (BPTT + 1, BATCH), device=device)
     inputs, targets = tokens[:-1], tokens[1:].reshape(-1)
@@ -144,6 +164,9 @@ def time_variant(
         logits, state = model(inputs, state)
         state = detach_state(state)
         loss = F.cross_entropy(logits.view(-1, VOCAB), targets)
+        if distillation is not None:
+            soft = distillation.loss(inputs, logits)
+            loss = (1 - DISTILL_WEIGHT) * loss + DISTILL_WEIGHT * soft
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
@@ -158,9 +181,11 @@ def bench_cell(
     cell: str, device: torch.device, steps: int, warmup: int, compile_mode: str
 ) -> list[Result]:
     results: list[Result] = []
-    for variant, build in variants(cell, compile_mode):
+    for variant, build, distilled in variants(cell, compile_mode):
         torch.manual_seed(0)
-        times, peak, final_loss = time_variant(build(cell), device, steps, warmup)
+        model = build(cell)
+        teacher = Distillation(build_teacher(cell), temperature=1.0) if distilled else None
+        times, peak, final_loss = time_variant(model, device, steps, warmup, teacher)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -186,7 +211,8 @@ def bench_cell(
 
 def print_table(cell: str, results: list[Result]) -> None:
     with_mem = results[0].peak_mib is not None
-    header = f"{'variant':<46} {'median ms':>10} {'p10-p90 ms':>15} {'x base':>7}"
+    width = max(len(r.variant) for r in results)
+    header = f"{'variant':<{width}} {'median ms':>10} {'p10-p90 ms':>15} {'x base':>7}"
     if with_mem:
         header += f" {'peak MiB':>9} {'x base':>7}"
     print(f"\n[{cell}]  batch {BATCH}, bptt {BPTT}, hidden {HIDDEN}, vocab {VOCAB}")
@@ -194,7 +220,7 @@ def print_table(cell: str, results: list[Result]) -> None:
     print("-" * len(header))
     for r in results:
         spread = f"{r.p10_ms:.2f}-{r.p90_ms:.2f}"
-        row = f"{r.variant:<46} {r.median_ms:>10.2f} {spread:>15} {r.ratio:>7.2f}"
+        row = f"{r.variant:<{width}} {r.median_ms:>10.2f} {spread:>15} {r.ratio:>7.2f}"
         if with_mem:
             row += f" {r.peak_mib:>9.1f} {r.mem_ratio:>7.2f}"
         print(row)

@@ -52,7 +52,8 @@ def test_step_time_reports_each_variant_against_torch(tmp_path: Path) -> None:
     )
     results = json.loads(out.read_text())["results"]
     baseline, *others = results
-    assert baseline["ratio"] == 1.0 and len(others) >= 3
+    assert baseline["ratio"] == 1.0 and len(others) == 4
+    assert others[-1]["variant"].endswith("+ distillation")
     for result in others:
         assert math.isclose(result["ratio"], result["median_ms"] / baseline["median_ms"])
         assert math.isfinite(result["final_loss"])
