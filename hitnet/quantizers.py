@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 QuantizerName = Literal["none", "ttq", "btq", "uq"]
 BTQEvalMode = Literal["stochastic", "deterministic"]
+SlopeGradient = Literal["sloped", "unit"]
 ACTIVATION_GROUPS = frozenset({"gates", "candidate", "hidden"})
 
 
@@ -106,6 +107,8 @@ class QuantConfig:
     (see ``hitnet.recurrent.gru_accumulator_step``); its ternary h_t still feeds the
     recurrent matmul and the decoder. With gates and candidate ternary that memory is itself
     ternary, so only configurations that leave one of them full precision see a difference.
+    ``slope_gradient``: ``unit`` backpropagates through sloped activations as if the slopes
+    were 1 (see ``hitnet.recurrent.sloped``).
     """
 
     weight: QuantizerName = "none"
@@ -117,6 +120,7 @@ class QuantConfig:
     uq_bits: int = 2
     btq_eval: BTQEvalMode = "stochastic"
     gru_accumulator: bool = False
+    slope_gradient: SlopeGradient = "sloped"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activations", frozenset(self.activations))
@@ -135,6 +139,8 @@ class QuantConfig:
             raise ValueError(f"ttq_threshold must be >= 0, got {self.ttq_threshold}")
         if self.uq_bits < 1:
             raise ValueError(f"uq_bits must be >= 1, got {self.uq_bits}")
+        if self.slope_gradient not in ("sloped", "unit"):
+            raise ValueError(f"slope_gradient must be sloped or unit, got {self.slope_gradient!r}")
         if self.btq_eval not in ("stochastic", "deterministic"):
             raise ValueError(f"btq_eval must be stochastic or deterministic, got {self.btq_eval!r}")
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hitnet.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
+from hitnet.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer, straight_through
 
 
 class Cell(NamedTuple):
@@ -41,6 +41,18 @@ class Cell(NamedTuple):
     hidden: ActivationQuantizer
     lambda_sigma: float
     lambda_tanh: float
+    unit_slope_gradient: bool = False  # QuantConfig.slope_gradient == "unit"
+
+
+def sloped(fn: Callable[[Tensor], Tensor], x: Tensor, slope: float, unit_gradient: bool) -> Tensor:
+    """``fn(slope * x)``; with ``unit_gradient`` its gradient is ``fn``'s at ``x``, as if the
+    slope were 1: the slope then polarizes the forward pass only. (Through straight-through
+    quantizers a slope of 2 multiplies the gradient at every step of the recurrence, and it
+    explodes over a bptt window.)"""
+    if slope == 1.0:
+        return fn(x)
+    value = fn(slope * x)
+    return straight_through(fn(x), value) if unit_gradient else value
 
 
 def _slot(uniform: Tensor | None, index: int) -> Tensor | None:
@@ -58,13 +70,13 @@ def lstm_step(
     """One LSTM step; ``uniform`` holds the draws for i, f, g, o, h. Returns (h, (h, c))."""
     h, c = state
     i, f, g, o = (projected + F.linear(h, w_hh, b_hh)).chunk(4, dim=1)
-    ls, lt = cell.lambda_sigma, cell.lambda_tanh
-    i = cell.gates(torch.sigmoid(ls * i), _slot(uniform, 0))
-    f = cell.gates(torch.sigmoid(ls * f), _slot(uniform, 1))
-    g = cell.candidate(torch.tanh(lt * g), _slot(uniform, 2))
-    o = cell.gates(torch.sigmoid(ls * o), _slot(uniform, 3))
+    ls, lt, unit = cell.lambda_sigma, cell.lambda_tanh, cell.unit_slope_gradient
+    i = cell.gates(sloped(torch.sigmoid, i, ls, unit), _slot(uniform, 0))
+    f = cell.gates(sloped(torch.sigmoid, f, ls, unit), _slot(uniform, 1))
+    g = cell.candidate(sloped(torch.tanh, g, lt, unit), _slot(uniform, 2))
+    o = cell.gates(sloped(torch.sigmoid, o, ls, unit), _slot(uniform, 3))
     c = f * c + i * g  # the cell state is an accumulator: it stays full precision
-    h = cell.hidden(o * torch.tanh(lt * c), _slot(uniform, 4))
+    h = cell.hidden(o * sloped(torch.tanh, c, lt, unit), _slot(uniform, 4))
     return h, (h, c)
 
 
@@ -80,10 +92,10 @@ def _gru_update(
     """(1 - z) * n + z * memory, with gates and candidate computed from h."""
     x_r, x_z, x_n = projected.chunk(3, dim=1)
     h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
-    ls, lt = cell.lambda_sigma, cell.lambda_tanh
-    r = cell.gates(torch.sigmoid(ls * (x_r + h_r)), _slot(uniform, 0))
-    z = cell.gates(torch.sigmoid(ls * (x_z + h_z)), _slot(uniform, 1))
-    n = cell.candidate(torch.tanh(lt * (x_n + r * h_n)), _slot(uniform, 2))
+    ls, lt, unit = cell.lambda_sigma, cell.lambda_tanh, cell.unit_slope_gradient
+    r = cell.gates(sloped(torch.sigmoid, x_r + h_r, ls, unit), _slot(uniform, 0))
+    z = cell.gates(sloped(torch.sigmoid, x_z + h_z, ls, unit), _slot(uniform, 1))
+    n = cell.candidate(sloped(torch.tanh, x_n + r * h_n, lt, unit), _slot(uniform, 2))
     return (1 - z) * n + z * memory
 
 
@@ -215,6 +227,7 @@ class _SlopedRecurrence:
             self.hidden_quantizer,
             self.lambda_sigma,
             self.lambda_tanh,
+            self.quant.slope_gradient == "unit",
         )
 
     def _draw_uniform(self, input: Tensor, generator: torch.Generator | None) -> Tensor | None:

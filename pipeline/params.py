@@ -67,6 +67,8 @@ class QuantParams(Section):
     btq_eval: Literal["stochastic", "deterministic"] = "stochastic"
     lambda_sigma: PositiveFloat = 1.0
     lambda_tanh: PositiveFloat = 1.0
+    # unit: the slopes shape the forward pass only; their gradient is the unsloped one's
+    slope_gradient: Literal["sloped", "unit"] = "sloped"
     ternary_embedding_decoder: bool = False
     # GRU only: a memory apart from h_t, as the LSTM's cell state (see QuantConfig)
     gru_accumulator: bool = False
@@ -82,6 +84,7 @@ class QuantParams(Section):
             uq_bits=self.uq_bits,
             btq_eval=self.btq_eval,
             gru_accumulator=self.gru_accumulator,
+            slope_gradient=self.slope_gradient,
         )
 
 

@@ -195,6 +195,7 @@ def test_quantizer_modules_follow_the_config():
         ({"activations": {"gates", "cell"}}, "unknown activation group(s) ['cell']"),
         ({"ttq_threshold": -0.1}, "ttq_threshold must be >= 0"),
         ({"uq_bits": 0}, "uq_bits must be >= 1"),
+        ({"slope_gradient": "none"}, "slope_gradient must be sloped or unit"),
         ({"btq_eval": "mean"}, "btq_eval must be stochastic or deterministic"),
     ],
 )

@@ -6,7 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hitnet.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer
-from hitnet.recurrent import Cell, SlopedGRU, SlopedLSTM, gru_accumulator_step, gru_step
+from hitnet.recurrent import (
+    Cell,
+    SlopedGRU,
+    SlopedLSTM,
+    gru_accumulator_step,
+    gru_step,
+    sloped,
+)
 
 TORCH_LAYER = {SlopedLSTM: torch.nn.LSTM, SlopedGRU: torch.nn.GRU}
 TERNARY = QuantConfig(weight="ttq", activation="btq")
@@ -191,6 +198,33 @@ def test_ternary_layer_passes_gradients_to_shadow_weights(cls):
     output.sum().backward()
     assert layer.weight_hh_l0.grad.abs().sum() > 0
     assert layer.weight_ih_l0.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fn", [torch.sigmoid, torch.tanh])
+@pytest.mark.parametrize("unit", [False, True], ids=["sloped-gradient", "unit-gradient"])
+def test_sloped_activation_value_is_fn_of_slope_x_and_gradient_follows_the_mode(fn, unit):
+    x = torch.linspace(-3, 3, 41, requires_grad=True)
+    y = sloped(fn, x, 2.0, unit)
+    assert torch.equal(y, fn(2.0 * x.detach()))
+    y.sum().backward()
+    probe = x.detach().clone().requires_grad_()
+    (fn(probe) if unit else fn(2.0 * probe)).sum().backward()
+    assert torch.allclose(x.grad, probe.grad)
+
+
+@pytest.mark.parametrize("cls", [SlopedLSTM, SlopedGRU])
+def test_unit_slope_gradient_keeps_the_forward_pass_and_shrinks_the_gradient(cls):
+    x = torch.randn(30, 4, 8, generator=torch.Generator().manual_seed(1))
+    outputs, grad_norms = {}, {}
+    for mode in ("sloped", "unit"):
+        torch.manual_seed(0)
+        quant = QuantConfig(weight="ttq", activation="btq", slope_gradient=mode)
+        layer = cls(8, 16, quant=quant, lambda_sigma=2.0, lambda_tanh=2.0)
+        outputs[mode], _ = layer(x, generator=torch.Generator().manual_seed(3))
+        outputs[mode].sum().backward()
+        grad_norms[mode] = layer.weight_hh_l0.grad.norm()
+    assert torch.equal(outputs["sloped"], outputs["unit"])
+    assert 0 < grad_norms["unit"] < grad_norms["sloped"]
 
 
 def test_bad_shapes_and_slopes_are_rejected_with_clear_messages():

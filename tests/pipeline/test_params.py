@@ -247,6 +247,7 @@ def test_ternary_model_config_takes_the_quant_section(repo_raw: dict[str, Any]) 
         "lambda_tanh": 3.0,
         "ternary_embedding_decoder": True,
         "gru_accumulator": True,
+        "slope_gradient": "unit",
     }
     params = parse_params(deep_update(repo_raw, {"quant": quant}))
     config = params.build_model_config("gru", vocab_size=50, ternary=True)
@@ -261,6 +262,7 @@ def test_ternary_model_config_takes_the_quant_section(repo_raw: dict[str, Any]) 
         uq_bits=3,
         btq_eval="deterministic",
         gru_accumulator=True,
+        slope_gradient="unit",
     )
     assert config.lambda_sigma == 2.5
     assert config.lambda_tanh == 3.0
