@@ -20,6 +20,13 @@ class WeightAverage:
         self.mean = mean or {name: p.detach().clone() for name, p in module.named_parameters()}
         if self.mean.keys() != dict(module.named_parameters()).keys():
             raise ValueError("a weight average must hold exactly the module's parameters")
+        self.applied = False  # True between two swaps: the module holds the mean
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Copies of (the mean, the weights training goes on from), whether or not applied."""
+        current = {name: p.detach().clone() for name, p in self.module.named_parameters()}
+        held = {name: t.clone() for name, t in self.mean.items()}
+        return (current, held) if self.applied else (held, current)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -35,3 +42,4 @@ class WeightAverage:
             held = p.detach().clone()
             p.copy_(self.mean[name])
             self.mean[name] = held
+        self.applied = not self.applied

@@ -215,11 +215,9 @@ class LanguageModelTask(pl.LightningModule):
         if self._average is not None:
             # The saved model is the averaged one (what val_ppl measured, what test and the
             # report load); the weights training goes on from ride along for resuming.
-            state = checkpoint["state_dict"]
-            training = {}
-            for name, mean in self._average.mean.items():
-                training[name] = state[f"model.{name}"].clone()
-                state[f"model.{name}"] = mean.clone()
+            mean, training = self._average.state()
+            for name, value in mean.items():
+                checkpoint["state_dict"][f"model.{name}"] = value
             checkpoint["hitnet_average"] = {"count": self._average.count, "training": training}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

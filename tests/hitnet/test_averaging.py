@@ -35,12 +35,19 @@ def test_swap_puts_the_mean_in_and_a_second_swap_restores_the_weights_exactly():
     trained = {name: p.detach().clone() for name, p in module.named_parameters()}
     expected_mean = (trained["weight"] / 3.0 + trained["weight"]) / 2
 
+    before = average.state()
     average.swap()
+    assert average.applied
     assert torch.allclose(module.weight, expected_mean)
     assert not torch.allclose(module.weight, trained["weight"])
+    during = average.state()  # the same (mean, training weights) while the mean is applied
     average.swap()
+    assert not average.applied
     for name, p in module.named_parameters():
         assert torch.equal(p, trained[name])
+    for mean, training in (before, during):
+        assert torch.allclose(mean["weight"], expected_mean)
+        assert all(torch.equal(training[name], trained[name]) for name in trained)
 
 
 def test_a_mean_of_other_parameters_is_rejected():

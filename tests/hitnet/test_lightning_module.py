@@ -147,16 +147,30 @@ class _RecordWeights(Callback):
         self.after_step.append((trainer.current_epoch, weights))
 
 
+class _SaveWhileValidating(Callback):
+    """Saves a checkpoint at a moment the averaged weights are swapped in."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.saw_mean_applied = False
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if pl_module._average is not None:
+            self.saw_mean_applied = pl_module._average.applied
+            trainer.save_checkpoint(self.path)
+
+
 def test_averaging_validates_and_saves_the_mean_of_every_step_from_its_epoch(small_ptb, tmp_path):
     pl.seed_everything(0)
     task = _task(small_ptb.vocab_size, TERNARY, average_from_epoch=2)
     record = _RecordWeights()
+    during = _SaveWhileValidating(tmp_path / "during-validation.ckpt")
     trainer = _trainer(
         max_epochs=2,
         limit_train_batches=4,
         limit_val_batches=2,
         enable_checkpointing=True,
-        callbacks=[record, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        callbacks=[record, during, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
     )
     trainer.fit(task, small_ptb)
     averaged_val_ppl = trainer.callback_metrics["val_ppl"].item()
@@ -172,6 +186,13 @@ def test_averaging_validates_and_saves_the_mean_of_every_step_from_its_epoch(sma
         assert torch.equal(dict(task.model.named_parameters())[name], trained)  # swapped back
     assert not torch.allclose(saved["state_dict"]["model.decoder.weight"], last["decoder.weight"])
     assert task.plateau.last_epoch == 1  # stepped after epoch 1 only: averaged SGD keeps its lr
+    # A checkpoint taken while the mean is swapped in holds the same model and training weights.
+    assert during.saw_mean_applied
+    also = torch.load(tmp_path / "during-validation.ckpt", weights_only=True)
+    for name in last:
+        key = f"model.{name}"
+        assert torch.equal(also["state_dict"][key], saved["state_dict"][key])
+        assert torch.equal(also["hitnet_average"]["training"][name], last[name])
 
     # The checkpoint's model is the one validation measured: loaded alone, it scores the same.
     loaded = LanguageModelTask.load_from_checkpoint(tmp_path / "last.ckpt")
