@@ -69,21 +69,26 @@ class TorchRecurrent(nn.Module):
         return self.rnn(input, hx)
 
 
+def build_fp_model(cell: str) -> RNNLanguageModel:
+    """The full-precision model every variant starts from (on torch's fused layer)."""
+    return RNNLanguageModel(ModelConfig(vocab_size=VOCAB, cell=cell, dropout=0.5))
+
+
 def build_baseline(cell: str) -> RNNLanguageModel:
-    model = RNNLanguageModel(ModelConfig(vocab_size=VOCAB, cell=cell, dropout=0.5))
+    model = build_fp_model(cell)
     model.recurrent = TorchRecurrent(cell)
     return model
 
 
 def build_teacher(cell: str) -> RNNLanguageModel:
     """What the ternary stage distils from: the FP model, on torch's fused layer."""
-    model = RNNLanguageModel(ModelConfig(vocab_size=VOCAB, cell=cell, dropout=0.5))
+    model = build_fp_model(cell)
     assert model.recurrent.uses_fused_kernel
     return model
 
 
 def build_fp_loop(cell: str) -> RNNLanguageModel:
-    model = RNNLanguageModel(ModelConfig(vocab_size=VOCAB, cell=cell, dropout=0.5))
+    model = build_fp_model(cell)
     model.recurrent.fused_full_precision = False
     assert not model.recurrent.uses_fused_kernel
     return model

@@ -165,14 +165,13 @@ class WeightQuantizer(nn.Module):
         self.config = config
 
     def forward(self, weight: Tensor) -> Tensor:
-        kind = self.config.weight
-        if kind == "ttq":
-            config = self.config
+        config = self.config
+        if config.weight == "ttq":
             return ternarize_threshold(
                 weight, config.ttq_threshold, config.ttq_scaled, config.ttq_per_row
             )
-        if kind == "uq":
-            return quantize_uniform(weight, self.config.uq_bits)
+        if config.weight == "uq":
+            return quantize_uniform(weight, config.uq_bits)
         return weight
 
 
