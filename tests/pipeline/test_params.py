@@ -38,11 +38,13 @@ def test_repo_params_give_the_classic_recipe() -> None:
     assert params.train_fp.per_cell == {}
     # The ternary recipe of the GPU results (results/h100/search*.md), one per cell.
     lstm, gru = params.recipe("ternary", "lstm"), params.recipe("ternary", "gru")
-    assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.4, 1, 40)
+    assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.4, 2, 50)
     assert (gru.lr, gru.dropout, gru.lr_patience, gru.epochs) == (2.0, 0.2, 1, 55)
     assert (lstm.average_from_epoch, gru.average_from_epoch) == (None, 35)
     assert (lstm.distill_weight, lstm.distill_temperature) == (0.9, 1.0)
     assert (gru.distill_weight, gru.distill_temperature) == (0.9, 2.0)
+    # Sloping factors polarize the forward pass only (search4.md, search5.md).
+    assert params.quant.slope_gradient == "unit"
     assert params.quant.weight == "ttq"
     assert params.quant.activation == "btq"
 
