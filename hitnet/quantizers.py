@@ -11,7 +11,7 @@ Three layers, each testable alone:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -139,9 +139,9 @@ class QuantConfig:
             raise ValueError(f"ttq_threshold must be >= 0, got {self.ttq_threshold}")
         if self.uq_bits < 1:
             raise ValueError(f"uq_bits must be >= 1, got {self.uq_bits}")
-        if self.slope_gradient not in ("sloped", "unit"):
+        if self.slope_gradient not in get_args(SlopeGradient):
             raise ValueError(f"slope_gradient must be sloped or unit, got {self.slope_gradient!r}")
-        if self.btq_eval not in ("stochastic", "deterministic"):
+        if self.btq_eval not in get_args(BTQEvalMode):
             raise ValueError(f"btq_eval must be stochastic or deterministic, got {self.btq_eval!r}")
 
     @property

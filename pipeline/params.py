@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hitnet.language_model import CellType, ModelConfig
-from hitnet.quantizers import ACTIVATION_GROUPS, QuantConfig
+from hitnet.quantizers import ACTIVATION_GROUPS, BTQEvalMode, QuantConfig, SlopeGradient
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -64,11 +64,11 @@ class QuantParams(Section):
     ttq_scaled: bool = True
     ttq_per_row: bool = False  # a threshold and scale per output row, not per matrix
     uq_bits: Annotated[int, Field(ge=1, le=8)] = 2
-    btq_eval: Literal["stochastic", "deterministic"] = "stochastic"
+    btq_eval: BTQEvalMode = "stochastic"
     lambda_sigma: PositiveFloat = 1.0
     lambda_tanh: PositiveFloat = 1.0
     # unit: the slopes shape the forward pass only; their gradient is the unsloped one's
-    slope_gradient: Literal["sloped", "unit"] = "sloped"
+    slope_gradient: SlopeGradient = "sloped"
     ternary_embedding_decoder: bool = False
     # GRU only: a memory apart from h_t, as the LSTM's cell state (see QuantConfig)
     gru_accumulator: bool = False
