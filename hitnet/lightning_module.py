@@ -11,7 +11,10 @@ Optionally the loss also distils from a frozen teacher (the full-precision model
 starts from): its softmax is a second, soft target (``set_teacher``). And from epoch
 ``average_from_epoch`` on it trains as averaged SGD: the lr stays where it is, and the
 running mean of the weights over every step (``hitnet.averaging``) is what validation
-measures and checkpoints save as the model.
+measures and checkpoints save as the model. With ``activation_warmup_steps`` the
+activations' quantization noise comes in linearly over the first that many optimizer steps
+(``hitnet.quantizers.set_activation_noise``); the level follows ``global_step``, so a resumed
+run goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from hitnet.averaging import WeightAverage
 from hitnet.language_model import ModelConfig, RecurrentState, RNNLanguageModel, detach_state
+from hitnet.quantizers import set_activation_noise
 
 SPLIT_METRIC = {"train": "train_ppl", "val": "val_ppl", "test": "test_ppl"}
 
@@ -48,6 +52,7 @@ class LanguageModelTask(pl.LightningModule):
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
         average_from_epoch: int | None = None,
+        activation_warmup_steps: int = 0,
     ) -> None:
         super().__init__()
         config = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
@@ -63,6 +68,8 @@ class LanguageModelTask(pl.LightningModule):
             )
         if average_from_epoch is not None and average_from_epoch < 1:
             raise ValueError(f"average_from_epoch counts from 1, got {average_from_epoch}")
+        if activation_warmup_steps < 0:
+            raise ValueError(f"activation_warmup_steps must be >= 0, got {activation_warmup_steps}")
         self.save_hyperparameters(
             {
                 "model": config.to_dict(),
@@ -73,6 +80,7 @@ class LanguageModelTask(pl.LightningModule):
                 "distill_weight": distill_weight,
                 "distill_temperature": distill_temperature,
                 "average_from_epoch": average_from_epoch,
+                "activation_warmup_steps": activation_warmup_steps,
             }
         )
         self.model = RNNLanguageModel(config)
@@ -139,6 +147,11 @@ class LanguageModelTask(pl.LightningModule):
             self._distillation.start_epoch(self.device)
         # The lr this epoch trains with (the plateau step after validation changes it).
         self._epoch_lr = self.optimizers().param_groups[0]["lr"]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        warmup = self.hparams.activation_warmup_steps
+        if warmup:  # step k trains with (k + 1) / warmup of the noise; from k = warmup - 1 all
+            set_activation_noise(self.model, min(1.0, (self.global_step + 1) / warmup))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, logits = self._window_loss(batch)  # train_ppl stays the plain cross-entropy

@@ -180,6 +180,12 @@ class ActivationQuantizer(nn.Module):
 
     Activations are unscaled: TTQ here gives pure {-1, 0, 1}. BTQ draws from ``uniform``
     while training and, in eval mode, too unless ``btq_eval`` is deterministic.
+
+    A warm-up (``set_noise_level``) lets training pass ``x + p * (Q(x) - x)``: only a
+    fraction ``p`` of the quantization noise, so a model can move from full precision to
+    ternary by degrees. ``p`` lives in a buffer filled in place, so a compiled recurrence
+    (CUDA graphs included) reads each new value without recompiling. Evaluation is always
+    fully quantized.
     """
 
     def __init__(self, config: QuantConfig, group: str) -> None:
@@ -187,10 +193,27 @@ class ActivationQuantizer(nn.Module):
         self.config = config
         self.group = group
         self.enabled = config.quantizes(group)
+        self.warming_up = False  # True once set_noise_level was called
+        # Not persistent: a schedule of training, not part of the model (FP checkpoints load).
+        self.register_buffer("noise_level", torch.ones(()), persistent=False)
+
+    def set_noise_level(self, level: float) -> None:
+        """Training passes ``x + level * (Q(x) - x)`` from now on; level 1 is plain ``Q(x)``."""
+        if not 0.0 <= level <= 1.0:
+            raise ValueError(f"noise level must be in [0, 1], got {level}")
+        self.noise_level.fill_(level)
+        self.warming_up = True
 
     def forward(self, x: Tensor, uniform: Tensor | None = None) -> Tensor:
         if not self.enabled:
             return x
+        quantized = self._quantize(x, uniform)
+        if self.training and self.warming_up:
+            # d/dx is still 1: (1 - p) through x, p straight through Q.
+            return torch.lerp(x, quantized, self.noise_level)
+        return quantized
+
+    def _quantize(self, x: Tensor, uniform: Tensor | None) -> Tensor:
         kind = self.config.activation
         if kind == "btq":
             deterministic = not self.training and self.config.btq_eval == "deterministic"
@@ -201,3 +224,10 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"group={self.group}, kind={self.config.activation if self.enabled else 'none'}"
+
+
+def set_activation_noise(model: nn.Module, level: float) -> None:
+    """``ActivationQuantizer.set_noise_level(level)`` on every activation quantizer of ``model``."""
+    for module in model.modules():
+        if isinstance(module, ActivationQuantizer):
+            module.set_noise_level(level)

@@ -17,6 +17,7 @@ from hitnet.language_model import CellType, ModelConfig
 from hitnet.quantizers import ACTIVATION_GROUPS, BTQEvalMode, QuantConfig, SlopeGradient
 
 PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
 DistillWeight = Annotated[float, Field(ge=0, le=1)]
@@ -93,11 +94,12 @@ class RecipeOverride(Section):
 
     epochs: PositiveInt | None = None
     lr: PositiveFloat | None = None
-    lr_patience: Annotated[int, Field(ge=0)] | None = None
+    lr_patience: NonNegativeInt | None = None
     dropout: Probability | None = None
     distill_weight: DistillWeight | None = None
     distill_temperature: PositiveFloat | None = None
     average_from_epoch: PositiveInt | None = None
+    activation_warmup_steps: NonNegativeInt | None = None
 
 
 class TrainParams(Section):
@@ -106,7 +108,7 @@ class TrainParams(Section):
     epochs: PositiveInt = 40
     lr: PositiveFloat = 20.0
     lr_decay: Annotated[float, Field(gt=0, lt=1)] = 0.25
-    lr_patience: Annotated[int, Field(ge=0)] = 0
+    lr_patience: NonNegativeInt = 0
     clip: PositiveFloat = 0.25
     dropout: Probability | None = None  # None: model.dropout
     # ternary only: weight of distillation from the FP model (0: plain cross-entropy)
@@ -115,6 +117,9 @@ class TrainParams(Section):
     # averaged SGD from this epoch on: the lr stays, and the running mean of the weights is
     # what validation measures and checkpoints save
     average_from_epoch: PositiveInt | None = None
+    # ternary only: the activations' quantization noise comes in linearly over this many
+    # optimizer steps (0: fully ternary from the first step)
+    activation_warmup_steps: NonNegativeInt = 0
     limit_train_batches: PositiveInt | None = None  # smoke runs: batches per epoch
     limit_eval_batches: PositiveInt | None = None
     per_cell: dict[CellType, RecipeOverride] = {}
@@ -159,7 +164,7 @@ class TuneParams(Section):
     max_concurrent: PositiveInt = 4
     cpus_per_trial: PositiveFloat = 1.0
     gpus_per_trial: Annotated[float, Field(ge=0)] = 0.0  # fractions share a GPU
-    max_failures: Annotated[int, Field(ge=0)] = 2
+    max_failures: NonNegativeInt = 2
     limit_train_batches: PositiveInt | None = None
     limit_eval_batches: PositiveInt | None = None
     storage: str = "ray_results"  # on a cluster: a path every node sees
@@ -178,7 +183,7 @@ class TuneParams(Section):
 
 class ReportParams(Section):
     # BTQ evaluated stochastically: test once per seed, report mean and spread.
-    eval_seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0, 1, 2, 3, 4]
+    eval_seeds: Annotated[list[NonNegativeInt], Field(min_length=1)] = [0, 1, 2, 3, 4]
 
 
 class TrackingParams(Section):
@@ -187,7 +192,7 @@ class TrackingParams(Section):
 
 
 class Params(Section):
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: NonNegativeInt = 0
     cells: list[CellType] = ["lstm", "gru"]
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -206,13 +211,18 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
-    def _fp_stage_has_no_teacher(self) -> Params:
+    def _fp_stage_is_plain(self) -> Params:
         overrides = {f"per_cell.{cell}.": o for cell, o in self.train_fp.per_cell.items()}
         for where, recipe in {"": self.train_fp, **overrides}.items():
             if recipe.distill_weight:
                 raise ValueError(
                     f"train_fp.{where}distill_weight must be 0: the FP model is the teacher, "
                     "it has none"
+                )
+            if recipe.activation_warmup_steps:
+                raise ValueError(
+                    f"train_fp.{where}activation_warmup_steps must be 0: the FP model "
+                    "quantizes no activations"
                 )
         return self
 

@@ -77,6 +77,7 @@ def build_task(params: Params, cell: CellType, kind: Kind, vocab_size: int) -> L
         distill_weight=recipe.distill_weight,
         distill_temperature=recipe.distill_temperature,
         average_from_epoch=recipe.average_from_epoch,
+        activation_warmup_steps=recipe.activation_warmup_steps,
     )
 
 

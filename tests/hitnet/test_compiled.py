@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hitnet.quantizers import QuantConfig
+from hitnet.quantizers import QuantConfig, set_activation_noise
 from hitnet.recurrent import SlopedGRU, SlopedLSTM, run_layer
 
 TERNARY = QuantConfig(weight="ttq", activation="btq")
@@ -48,6 +48,28 @@ def test_compiled_path_equals_reference_outputs_states_and_gradients(cls, quant)
             assert (p_ref.grad - p_fast.grad).abs().max() < 1e-5, name
         reference.zero_grad()
         compiled.zero_grad()
+
+
+@pytest.mark.slow
+def test_compiled_path_reads_each_new_noise_level_without_recompiling():
+    torch.manual_seed(0)
+    reference = SlopedGRU(6, 12, quant=TERNARY)
+    compiled = SlopedGRU(6, 12, quant=TERNARY)
+    compiled.load_state_dict(reference.state_dict())
+    compiled.compile_recurrence("default")
+    x = torch.randn(5, 3, 6)
+    outputs = []
+    for call, level in enumerate((0.3, 0.8)):
+        for layer in (reference, compiled):
+            set_activation_noise(layer, level)  # in place, as the training loop does
+        # The first call compiles; the second must find the new level in the buffer, not a
+        # constant baked into the graph.
+        with torch._dynamo.config.patch(error_on_recompile=call > 0):
+            out = compiled(x, generator=torch.Generator().manual_seed(1))[0]
+        expected = reference(x, generator=torch.Generator().manual_seed(1))[0]
+        assert (out - expected).abs().max() < 1e-5
+        outputs.append(out)
+    assert (outputs[0] - outputs[1]).abs().max() > 0.1
 
 
 def test_compile_recurrence_none_restores_the_eager_path():

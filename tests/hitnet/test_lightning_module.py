@@ -200,6 +200,38 @@ def test_averaging_validates_and_saves_the_mean_of_every_step_from_its_epoch(sma
     assert validated["val_ppl"] == pytest.approx(averaged_val_ppl, rel=1e-6)
 
 
+class _RecordNoiseLevels(Callback):
+    def __init__(self) -> None:
+        self.levels: list[list[float]] = []  # per step: gates, candidate, hidden
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        layer = pl_module.model.recurrent
+        quantizers = (layer.gate_quantizer, layer.candidate_quantizer, layer.hidden_quantizer)
+        self.levels.append([q.noise_level.item() for q in quantizers])
+
+
+def test_activation_noise_ramps_in_over_the_warmup_steps_and_validation_is_ternary(small_ptb):
+    pl.seed_everything(0)
+    task = _task(small_ptb.vocab_size, TERNARY, cell="gru", activation_warmup_steps=4)
+    record = _RecordNoiseLevels()
+    trainer = _trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2, callbacks=[record])
+    trainer.fit(task, small_ptb)
+    expected = [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # step k: (k + 1) / 4, then all of it
+    assert record.levels == [[level] * 3 for level in expected]
+
+    # What validation measured is the fully ternary model: a fresh model, never warmed up,
+    # with the same weights scores the same.
+    fresh = _task(small_ptb.vocab_size, TERNARY, cell="gru")
+    fresh.load_state_dict(task.state_dict())
+    task.model.recurrent.gate_quantizer.set_noise_level(0.1)  # ignored outside training
+    validate = _trainer(limit_val_batches=2)
+    (warmed,) = validate.validate(task, small_ptb, verbose=False)
+    (plain,) = validate.validate(fresh, small_ptb, verbose=False)
+    assert warmed["val_ppl"] == plain["val_ppl"]
+    with pytest.raises(ValueError, match="activation_warmup_steps must be >= 0, got -5"):
+        _task(20, activation_warmup_steps=-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("cell", "quant", "slope"),
@@ -230,12 +262,18 @@ class _RecordLosses(Callback):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("quant", "distill_weight", "average_from_epoch"),
-    [(FULL_PRECISION, 0.0, None), (TERNARY, 0.0, None), (TERNARY, 0.5, None), (TERNARY, 0.0, 2)],
-    ids=["fp", "ternary", "ternary-distilled", "ternary-averaged"],
+    ("quant", "distill_weight", "average_from_epoch", "activation_warmup_steps"),
+    [
+        (FULL_PRECISION, 0.0, None, 0),
+        (TERNARY, 0.0, None, 0),
+        (TERNARY, 0.5, None, 0),
+        (TERNARY, 0.0, 2, 0),
+        (TERNARY, 0.0, None, 15),  # the resumed epoch (steps 12-17) ends the ramp
+    ],
+    ids=["fp", "ternary", "ternary-distilled", "ternary-averaged", "ternary-warmup"],
 )
 def test_checkpoint_round_trip_resumes_exactly(
-    small_ptb, tmp_path, quant, distill_weight, average_from_epoch
+    small_ptb, tmp_path, quant, distill_weight, average_from_epoch, activation_warmup_steps
 ):
     limits = {"limit_train_batches": 6, "limit_val_batches": 3}
     config = ModelConfig(
@@ -250,6 +288,7 @@ def test_checkpoint_round_trip_resumes_exactly(
             lr=20.0,
             distill_weight=distill_weight,
             average_from_epoch=average_from_epoch,
+            activation_warmup_steps=activation_warmup_steps,
         )
         if distill_weight:
             task.set_teacher(teacher)

@@ -12,6 +12,7 @@ from hitnet.quantizers import (
     QuantConfig,
     WeightQuantizer,
     quantize_uniform,
+    set_activation_noise,
     straight_through,
     ternarize_bernoulli,
     ternarize_threshold,
@@ -185,6 +186,46 @@ def test_quantizer_modules_follow_the_config():
     assert torch.equal(gates(p, uniform), ternarize_bernoulli(p, uniform=uniform))  # training
     gates.eval()
     assert torch.equal(gates(p, uniform), ternarize_bernoulli(p, deterministic=True))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, shape=shapes, level=st.floats(0.0, 1.0))
+def test_warming_up_passes_that_fraction_of_the_noise_with_a_unit_gradient(seed, shape, level):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.rand(shape, generator=generator) * 2 - 1).requires_grad_()
+    uniform = torch.rand(shape, generator=generator)
+    quantizer = ActivationQuantizer(QuantConfig(activation="btq"), "hidden")
+    quantizer.set_noise_level(level)
+    out = quantizer(x, uniform)
+    ternary = ternarize_bernoulli(x.detach(), uniform=uniform)
+    assert torch.allclose(out, x + level * (ternary - x), atol=1e-6)
+    out.sum().backward()
+    assert torch.allclose(x.grad, torch.ones(shape))
+
+
+def test_warming_up_at_level_one_is_plain_quantization_and_eval_is_never_mixed():
+    x, uniform = torch.rand(500), torch.rand(500)
+    quantizer = ActivationQuantizer(QuantConfig(activation="btq"), "gates")
+    plain = quantizer(x, uniform)
+    quantizer.set_noise_level(1.0)
+    assert torch.equal(quantizer(x, uniform), plain)
+    quantizer.set_noise_level(0.25)
+    assert not torch.equal(quantizer(x, uniform), plain)
+    quantizer.eval()  # validation and test see the fully ternary model
+    assert torch.equal(quantizer(x, uniform), plain)
+    with pytest.raises(ValueError, match=r"noise level must be in \[0, 1\], got 1.5"):
+        quantizer.set_noise_level(1.5)
+
+
+def test_set_activation_noise_reaches_every_activation_quantizer_and_no_state_dict():
+    config = QuantConfig(activation="btq")
+    model = torch.nn.ModuleList(
+        [ActivationQuantizer(config, group) for group in ("gates", "candidate", "hidden")]
+    )
+    set_activation_noise(model, 0.4)
+    assert [q.noise_level.item() for q in model] == pytest.approx([0.4] * 3)
+    assert all(q.warming_up for q in model)
+    assert model.state_dict() == {}  # checkpoints stay loadable by models without a warm-up
 
 
 @pytest.mark.parametrize(

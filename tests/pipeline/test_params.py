@@ -38,9 +38,10 @@ def test_repo_params_give_the_classic_recipe() -> None:
     assert params.train_fp.per_cell == {}
     # The ternary recipe of the GPU results (results/h100/search*.md), one per cell.
     lstm, gru = params.recipe("ternary", "lstm"), params.recipe("ternary", "gru")
-    assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.4, 2, 50)
+    assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.3, 2, 50)
     assert (gru.lr, gru.dropout, gru.lr_patience, gru.epochs) == (2.0, 0.2, 1, 55)
     assert (lstm.average_from_epoch, gru.average_from_epoch) == (None, 35)
+    assert (lstm.activation_warmup_steps, gru.activation_warmup_steps) == (0, 0)
     assert (lstm.distill_weight, lstm.distill_temperature) == (0.9, 1.0)
     assert (gru.distill_weight, gru.distill_temperature) == (0.9, 2.0)
     # Sloping factors polarize the forward pass only (search4.md, search5.md).
@@ -139,6 +140,18 @@ BAD_VALUES = [
         "train_fp.per_cell.gru.distill_weight",
         "the FP model is the teacher",
         id="fp-stage-distils-one-cell",
+    ),
+    pytest.param(
+        {"train_fp": {"per_cell": {"lstm": {"activation_warmup_steps": 500}}}},
+        "train_fp.per_cell.lstm.activation_warmup_steps",
+        "the FP model quantizes no activations",
+        id="fp-stage-warms-up-activations",
+    ),
+    pytest.param(
+        {"train_ternary": {"activation_warmup_steps": -1}},
+        "train_ternary.activation_warmup_steps",
+        "greater than or equal to 0",
+        id="negative-warmup",
     ),
     pytest.param(
         {"train_ternary": {"epochs": 30, "average_from_epoch": 31}},
@@ -283,10 +296,19 @@ def test_each_recipe_may_override_the_model_dropout() -> None:
 def test_per_cell_values_replace_the_shared_recipe_for_that_cell_only(
     repo_raw: dict[str, Any],
 ) -> None:
-    per_cell = {"gru": {"lr": 2.0, "dropout": 0.1, "epochs": 7, "average_from_epoch": 5}}
+    per_cell = {
+        "gru": {
+            "lr": 2.0,
+            "dropout": 0.1,
+            "epochs": 7,
+            "average_from_epoch": 5,
+            "activation_warmup_steps": 300,
+        }
+    }
     params = parse_params(deep_update(repo_raw, {"train_ternary": {"per_cell": per_cell}}))
     gru, lstm = params.recipe("ternary", "gru"), params.recipe("ternary", "lstm")
     assert (gru.lr, gru.dropout, gru.epochs, gru.average_from_epoch) == (2.0, 0.1, 7, 5)
+    assert gru.activation_warmup_steps == 300
     assert gru.clip == params.train_ternary.clip and gru.per_cell == {}
     assert lstm == params.train_ternary.model_copy(update={"per_cell": {}})
     assert params.recipe("fp", "gru") == params.train_fp

@@ -12,7 +12,8 @@ from pipeline.params import Params
 from pipeline.train import train
 from tests.pipeline.conftest import SMOKE, deep_update
 
-# The smoke run's tiny model, distilled and averaged in its last epoch, without MLflow.
+# The smoke run's tiny model, distilled, with its activations' noise ramped in over three
+# steps and averaged in its last epoch, without MLflow.
 TINY = deep_update(
     SMOKE,
     {
@@ -20,6 +21,7 @@ TINY = deep_update(
             "distill_weight": 0.5,
             "distill_temperature": 2.0,
             "average_from_epoch": 2,
+            "activation_warmup_steps": 3,
         },
         "tracking": {"enabled": False},
     },
@@ -63,3 +65,4 @@ def test_a_distilled_averaged_ternary_stage_starts_from_its_fp_model_and_saves_o
     )
     task = LanguageModelTask.load_from_checkpoint(tmp_path / "ternary" / "model.ckpt")
     assert task.hparams.distill_weight == 0.5 and task.model.config.quant.weight == "ttq"
+    assert task.hparams.activation_warmup_steps == 3
