@@ -7,7 +7,7 @@ that names the dotted key and what was expected.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 import torch
 import yaml
@@ -21,6 +21,7 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
 DistillWeight = Annotated[float, Field(ge=0, le=1)]
+TTQThreshold = Annotated[float, Field(ge=0, le=3)]
 
 
 # What a sweep searches; a sweep's best.json holds these keys (lr, dropout only when searched).
@@ -36,6 +37,28 @@ class ParamsError(ValueError):
 class Section(BaseModel):
     # strict: "300" or true is not silently taken for the number 300 or 1
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class CellSpecific(Section):
+    """A section whose ``per_cell`` entries change some of its values for one cell."""
+
+    per_cell: dict[CellType, Section] = {}
+
+    def for_cell(self, cell: CellType) -> Self:
+        """This section with ``per_cell[cell]``'s values in place (and no per_cell left)."""
+        override = self.per_cell.get(cell)
+        changes = {} if override is None else override.model_dump(exclude_none=True)
+        return self.model_copy(update={**changes, "per_cell": {}})
+
+    def with_values(self, values: dict[str, float]) -> Self:
+        """This section with ``values`` in place, over every cell's own values of those keys."""
+        if not values:
+            return self
+        per_cell = {
+            cell: override.model_copy(update=dict.fromkeys(values))
+            for cell, override in self.per_cell.items()
+        }
+        return self.model_copy(update={**values, "per_cell": per_cell})
 
 
 class DataParams(Section):
@@ -57,11 +80,19 @@ class ModelParams(Section):
     tie_weights: bool = False
 
 
-class QuantParams(Section):
+class QuantOverride(Section):
+    """What one cell changes in ``quant``: the values a sweep searches (the LSTM's slopes)."""
+
+    lambda_sigma: PositiveFloat | None = None
+    lambda_tanh: PositiveFloat | None = None
+    ttq_threshold: TTQThreshold | None = None
+
+
+class QuantParams(CellSpecific):
     weight: Literal["none", "ttq", "uq"] = "ttq"
     activation: Literal["none", "btq", "ttq", "uq"] = "btq"
     activations: list[Literal["gates", "candidate", "hidden"]] = sorted(ACTIVATION_GROUPS)
-    ttq_threshold: Annotated[float, Field(ge=0, le=3)] = 0.7
+    ttq_threshold: TTQThreshold = 0.7
     ttq_scaled: bool = True
     ttq_per_row: bool = False  # a threshold and scale per output row, not per matrix
     uq_bits: Annotated[int, Field(ge=1, le=8)] = 2
@@ -73,6 +104,7 @@ class QuantParams(Section):
     ternary_embedding_decoder: bool = False
     # GRU only: a memory apart from h_t, as the LSTM's cell state (see QuantConfig)
     gru_accumulator: bool = False
+    per_cell: dict[CellType, QuantOverride] = {}
 
     def to_config(self) -> QuantConfig:
         return QuantConfig(
@@ -102,7 +134,7 @@ class RecipeOverride(Section):
     activation_warmup_steps: NonNegativeInt | None = None
 
 
-class TrainParams(Section):
+class TrainParams(CellSpecific):
     """One training recipe (HITNET.md's classic one by default)."""
 
     epochs: PositiveInt = 40
@@ -123,12 +155,6 @@ class TrainParams(Section):
     limit_train_batches: PositiveInt | None = None  # smoke runs: batches per epoch
     limit_eval_batches: PositiveInt | None = None
     per_cell: dict[CellType, RecipeOverride] = {}
-
-    def for_cell(self, cell: CellType) -> TrainParams:
-        """This recipe with ``per_cell[cell]``'s values in place (and no per_cell left)."""
-        override = self.per_cell.get(cell)
-        changes = {} if override is None else override.model_dump(exclude_none=True)
-        return self.model_copy(update={**changes, "per_cell": {}})
 
 
 class HardwareParams(Section):
@@ -243,37 +269,34 @@ class Params(Section):
         return self
 
     def with_searched(self, values: dict[str, float]) -> Params:
-        """These params with searched values (a trial's, or a sweep's best) in place."""
-        quant = self.quant.model_copy(
-            update={key: float(values[key]) for key in QUANT_SEARCHED if key in values}
-        )
-        searched = {key: float(values[key]) for key in RECIPE_SEARCHED if key in values}
-        recipe = self.train_ternary
-        if searched:  # a searched value wins over every cell's own
-            per_cell = {
-                cell: override.model_copy(update=dict.fromkeys(searched))
-                for cell, override in recipe.per_cell.items()
-            }
-            recipe = recipe.model_copy(update={**searched, "per_cell": per_cell})
+        """These params with searched values (a trial's, or a sweep's best) in place: a
+        searched value wins over every cell's own."""
+
+        def picked(keys: tuple[str, ...]) -> dict[str, float]:
+            return {key: float(values[key]) for key in keys if key in values}
+
+        quant = self.quant.with_values(picked(QUANT_SEARCHED))
+        recipe = self.train_ternary.with_values(picked(RECIPE_SEARCHED))
         return self.model_copy(update={"quant": quant, "train_ternary": recipe})
 
     def recipe(self, kind: Literal["fp", "ternary"], cell: CellType) -> TrainParams:
         """The training recipe one stage uses for one cell, per-cell values applied."""
         return (self.train_fp if kind == "fp" else self.train_ternary).for_cell(cell)
 
-    def _dropout(self, cell: CellType, ternary: bool) -> float:
+    def dropout(self, cell: CellType, ternary: bool) -> float:
+        """The dropout one cell trains with: its recipe's, else ``model.dropout``."""
         recipe = self.recipe("ternary" if ternary else "fp", cell)
         return self.model.dropout if recipe.dropout is None else recipe.dropout
 
     def build_model_config(self, cell: CellType, vocab_size: int, ternary: bool) -> ModelConfig:
-        quant = self.quant
+        quant = self.quant.for_cell(cell)
         return ModelConfig(
             vocab_size=vocab_size,
             cell=cell,
             embedding_size=self.model.embedding_size,
             hidden_size=self.model.hidden_size,
             num_layers=self.model.num_layers,
-            dropout=self._dropout(cell, ternary),
+            dropout=self.dropout(cell, ternary),
             tie_weights=self.model.tie_weights,
             quant=quant.to_config() if ternary else QuantConfig(),
             lambda_sigma=quant.lambda_sigma if ternary else 1.0,

@@ -2,9 +2,11 @@
 
 Each trial starts from the FP checkpoint and trains the ternary model for a few epochs,
 reporting ``val_ppl`` every epoch; ASHA stops poor trials early and Optuna proposes the next
-ones. Ray starts locally, or joins the cluster named by ``RAY_ADDRESS`` (then
-``tune.storage`` must be a path every node sees). Writes ``out_dir``: ``best.json`` (what
-``train_ternary`` uses), ``trials.csv`` and ``sweep.png``.
+ones. The first trial is the setting params.yaml gives the cell (``quant`` with its
+``per_cell``), so a sweep always measures what it would replace. Ray starts locally, or
+joins the cluster named by ``RAY_ADDRESS`` (then ``tune.storage`` must be a path every node
+sees). Writes ``out_dir``: ``best.json`` (what ``train_ternary`` uses), ``trials.csv`` and
+``sweep.png``.
 
 Resumable: a rerun after the driver died restores the experiment (``Tuner.restore``) and does
 not rerun finished trials; a trial whose worker dies resumes from its last checkpoint.
@@ -29,7 +31,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
 
 from hitnet.language_model import CellType
-from pipeline.params import SEARCHED, Params, TuneParams, load_params
+from pipeline.params import QUANT_SEARCHED, SEARCHED, Params, TuneParams, load_params
 from pipeline.tracking import StageRun, stage_run, tracking_uri
 from pipeline.train import (
     build_task,
@@ -55,6 +57,28 @@ def search_space(tune_params: TuneParams) -> dict[str, Any]:
     if tune_params.dropout is not None:
         space["dropout"] = tune.uniform(*tune_params.dropout)
     return space
+
+
+def starting_point(params: Params, cell: CellType) -> dict[str, float] | None:
+    """The searched values as ``params`` sets them for ``cell``: the sweep's first trial, so
+    its best is never a setting it did not compare with the configured one. None when a value
+    lies outside its searched range (Optuna would not take it)."""
+    quant = params.quant.for_cell(cell)
+    point = {key: getattr(quant, key) for key in QUANT_SEARCHED}
+    if params.tune.lr is not None:
+        point["lr"] = params.recipe("ternary", cell).lr
+    if params.tune.dropout is not None:
+        point["dropout"] = params.dropout(cell, ternary=True)
+    for key, value in point.items():
+        low, high = getattr(params.tune, key)
+        if not low <= value <= high:
+            print(
+                f"tune@{cell}: no first trial at the configured setting: {key} {value} "
+                f"is outside tune.{key} [{low}, {high}]",
+                flush=True,
+            )
+            return None
+    return point
 
 
 def trial_params(params: Params, cell: CellType, config: dict[str, float]) -> Params:
@@ -155,7 +179,10 @@ def build_tuner(params: Params, cell: CellType, data_dir: Path, fp_checkpoint: P
     if tune.Tuner.can_restore(str(experiment)):
         print(f"tune: restoring {experiment}; finished trials are kept", flush=True)
         return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
-    searcher = OptunaSearch(seed=params.seed)
+    start = starting_point(params, cell)
+    if start is not None:
+        print(f"tune@{cell}: first trial at the configured setting {start}", flush=True)
+    searcher = OptunaSearch(seed=params.seed, points_to_evaluate=[start] if start else None)
     return tune.Tuner(
         trainable,
         param_space=search_space(settings),

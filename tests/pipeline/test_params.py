@@ -323,25 +323,50 @@ def test_per_cell_values_replace_the_shared_recipe_for_that_cell_only(
         ({"rnn": {"lr": 1.0}}, "train_ternary.per_cell.rnn"),
         ({"gru": {"momentum": 0.9}}, "train_ternary.per_cell.gru.momentum"),
         ({"gru": {"lr": -1.0}}, "train_ternary.per_cell.gru.lr"),
+        ({"rnn": {"lambda_sigma": 2.0}}, "quant.per_cell.rnn"),
+        ({"lstm": {"weight": "none"}}, "quant.per_cell.lstm.weight"),  # not a per-cell key
+        ({"lstm": {"lambda_sigma": 0.0}}, "quant.per_cell.lstm.lambda_sigma"),
+        ({"gru": {"ttq_threshold": 4.0}}, "quant.per_cell.gru.ttq_threshold"),
     ],
 )
 def test_bad_per_cell_values_name_their_key(
     repo_raw: dict[str, Any], per_cell: dict, key: str
 ) -> None:
+    section = key.split(".")[0]
     with pytest.raises(ParamsError) as error:
-        parse_params(deep_update(repo_raw, {"train_ternary": {"per_cell": per_cell}}))
+        parse_params(deep_update(repo_raw, {section: {"per_cell": per_cell}}))
     assert key in str(error.value)
 
 
 def test_ternary_model_config_from_repo_params() -> None:
     params = load_params(REPO_PARAMS)
     config = params.build_model_config("lstm", vocab_size=10_000, ternary=True)
-    assert config.quant == params.quant.to_config()
+    assert config.quant == params.quant.for_cell("lstm").to_config()
     assert config.quant.weight == "ttq"
     assert config.quant.activation == "btq"
     assert config.quant.activations == frozenset({"gates", "candidate", "hidden"})
-    assert config.quant.ttq_threshold == 0.7
     assert config.quant != QuantConfig()
+    # The LSTM's slopes and threshold of the GPU search (search5.md); the GRU's are the shared.
+    assert (config.lambda_sigma, config.lambda_tanh, config.quant.ttq_threshold) == (2, 2, 0.5)
+    gru = params.build_model_config("gru", vocab_size=10_000, ternary=True)
+    assert (gru.lambda_sigma, gru.lambda_tanh, gru.quant.ttq_threshold) == (1, 1, 0.7)
+
+
+def test_per_cell_quant_values_apply_to_that_cell_and_a_sweeps_best_wins_over_them(
+    repo_raw: dict[str, Any],
+) -> None:
+    quant = {"lambda_sigma": 1.5, "per_cell": {"gru": {"lambda_tanh": 3.0, "ttq_threshold": 1.0}}}
+    raw = deep_update(repo_raw, {"quant": quant})
+    raw["quant"]["per_cell"].pop("lstm")
+    params = parse_params(raw)
+    gru = params.build_model_config("gru", vocab_size=50, ternary=True)
+    assert (gru.lambda_sigma, gru.lambda_tanh, gru.quant.ttq_threshold) == (1.5, 3.0, 1.0)
+    lstm = params.build_model_config("lstm", vocab_size=50, ternary=True)
+    assert (lstm.lambda_sigma, lstm.lambda_tanh, lstm.quant.ttq_threshold) == (1.5, 1.0, 0.7)
+    assert params.build_model_config("gru", vocab_size=50, ternary=False).lambda_tanh == 1.0
+    best = params.with_searched({"lambda_tanh": 2.5, "ttq_threshold": 0.4})
+    gru = best.build_model_config("gru", vocab_size=50, ternary=True)
+    assert (gru.lambda_sigma, gru.lambda_tanh, gru.quant.ttq_threshold) == (1.5, 2.5, 0.4)
 
 
 @pytest.mark.parametrize(

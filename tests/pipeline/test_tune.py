@@ -15,7 +15,7 @@ import pytest
 from ray import tune
 
 from pipeline.params import Params, ParamsError, parse_params
-from pipeline.tune import search_space, trial_params
+from pipeline.tune import search_space, starting_point, trial_params
 from tests.pipeline.conftest import make_smoke_project, run_tool, tool_env, write_params
 from tests.pipeline.services import free_port
 
@@ -56,6 +56,35 @@ def test_trials_take_their_cells_recipe_but_the_sweeps_budget_and_lr():
     assert trial_params(params, "gru", {**searched, "lr": 4.0}).train_ternary.lr == 4.0
     trial = trial_params(params, "gru", {**searched, "dropout": 0.35})
     assert trial.build_model_config("gru", 50, ternary=True).dropout == 0.35
+
+
+def test_a_sweep_starts_at_the_cells_configured_setting(capsys):
+    quant = {"per_cell": {"lstm": {"lambda_sigma": 2.0, "ttq_threshold": 0.5}}}
+    recipe = {"lr": 10.0, "per_cell": {"gru": {"lr": 2.0, "dropout": 0.2}}}
+    params = Params.model_validate({"quant": quant, "train_ternary": recipe})
+    lstm = {"lambda_sigma": 2.0, "lambda_tanh": 1.0, "ttq_threshold": 0.5}
+    assert starting_point(params, "lstm") == lstm
+    searching = params.model_copy(
+        update={"tune": params.tune.model_copy(update={"lr": (1.0, 20.0), "dropout": (0.1, 0.5)})}
+    )
+    gru = {"lambda_sigma": 1.0, "lambda_tanh": 1.0, "ttq_threshold": 0.7, "lr": 2.0}
+    assert starting_point(searching, "gru") == {**gru, "dropout": 0.2}
+    assert starting_point(searching, "lstm") == {**lstm, "lr": 10.0, "dropout": 0.5}
+    # A configured value outside its searched range: no first trial, and a line says why.
+    narrow = params.model_copy(
+        update={"tune": params.tune.model_copy(update={"ttq_threshold": (0.6, 1.0)})}
+    )
+    assert starting_point(narrow, "lstm") is None
+    assert "ttq_threshold 0.5 is outside tune.ttq_threshold [0.6, 1.0]" in capsys.readouterr().out
+    assert starting_point(narrow, "gru") is not None
+
+
+def test_a_trials_values_win_over_the_cells_own_quant_values():
+    quant = {"per_cell": {"lstm": {"lambda_sigma": 2.0, "lambda_tanh": 2.0}}}
+    params = Params.model_validate({"quant": quant})
+    config = {"lambda_sigma": 0.8, "lambda_tanh": 3.0, "ttq_threshold": 0.9}
+    model = trial_params(params, "lstm", config).build_model_config("lstm", 50, ternary=True)
+    assert (model.lambda_sigma, model.lambda_tanh, model.quant.ttq_threshold) == (0.8, 3.0, 0.9)
 
 
 @pytest.mark.parametrize(
@@ -173,6 +202,9 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
         # The head offers no CPU: every trial that finished ran on the worker process.
         rows = (fp_project / "runs/tune-cluster/trials.csv").read_text().splitlines()[1:]
         assert len(rows) == 3 and all(row.endswith(",") for row in rows)  # no error column
+        # One trial ran params.yaml's own LSTM setting (quant.per_cell.lstm).
+        assert "first trial at the configured setting" in output
+        assert ["2.0", "2.0", "0.5"] in [row.split(",")[1:4] for row in rows]
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
     leftover = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
