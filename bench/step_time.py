@@ -7,7 +7,8 @@ embedding 300, hidden 300, vocab 10,000, on random token ids. For each cell it t
   * ``torch.nn.LSTM`` / ``torch.nn.GRU`` (cuDNN on a GPU): the baseline;
   * the ``SlopedLSTM`` / ``SlopedGRU`` full-precision reference loop (quantization off,
     slopes 1, ``fused_full_precision=False``, so the Python per-step loop runs);
-  * the ternary layer: TTQ weights, BTQ activations, lambda_sigma = lambda_tanh = 1;
+  * the ternary layer: TTQ weights, BTQ activations, sloping factors ``--slopes`` (default
+    1, 1; the pipeline's LSTM trains at 2, 2 with ``slope_gradient: unit``, as here);
   * the compiled ternary layer, and the same distilled as the ternary stage trains it: a
     frozen full-precision teacher (torch's fused layer) runs forward in every step and the
     loss is 0.1 * cross-entropy + 0.9 * KL(teacher || model).
@@ -21,6 +22,7 @@ Run from the repository root:
 
     python bench/step_time.py                      # cuda if available, else cpu
     python bench/step_time.py --device cpu --steps 10 --cells lstm --json step_time.json
+    python bench/step_time.py --cells lstm --slopes 2,2    # the LSTM recipe's sloped cell
 """
 
 from __future__ import annotations
@@ -94,18 +96,23 @@ def build_fp_loop(cell: str) -> RNNLanguageModel:
     return model
 
 
-def build_ternary(cell: str) -> RNNLanguageModel:
-    quant = QuantConfig(weight="ttq", activation="btq")
+def build_ternary(cell: str, slopes: Slopes) -> RNNLanguageModel:
+    quant = QuantConfig(weight="ttq", activation="btq", slope_gradient="unit")
     config = ModelConfig(
-        vocab_size=VOCAB, cell=cell, dropout=0.5, quant=quant, lambda_sigma=1.0, lambda_tanh=1.0
+        vocab_size=VOCAB,
+        cell=cell,
+        dropout=0.5,
+        quant=quant,
+        lambda_sigma=slopes.sigma,
+        lambda_tanh=slopes.tanh,
     )
     model = RNNLanguageModel(config)
     assert not model.recurrent.uses_fused_kernel
     return model
 
 
-def build_ternary_compiled(cell: str, mode: str) -> RNNLanguageModel:
-    model = build_ternary(cell)
+def build_ternary_compiled(cell: str, slopes: Slopes, mode: str) -> RNNLanguageModel:
+    model = build_ternary(cell, slopes)
     model.recurrent.compile_recurrence(mode)
     return model
 
@@ -113,16 +120,32 @@ def build_ternary_compiled(cell: str, mode: str) -> RNNLanguageModel:
 Variant = tuple[str, Callable[[str], RNNLanguageModel], bool]  # name, build, distilled
 
 
-def variants(cell: str, compile_mode: str) -> list[Variant]:
+def variants(cell: str, compile_mode: str, slopes: Slopes) -> list[Variant]:
     layer = "SlopedLSTM" if cell == "lstm" else "SlopedGRU"
-    compiled = f"{layer} ternary, compiled {compile_mode}"
+    ternary = f"{layer} ternary" + ("" if slopes == Slopes() else f", slopes {slopes}")
+    compiled = f"{ternary}, compiled {compile_mode}"
+
+    def build_compiled(c: str) -> RNNLanguageModel:
+        return build_ternary_compiled(c, slopes, compile_mode)
+
     return [
         (f"torch.nn.{cell.upper()}", build_baseline, False),
         (f"{layer} FP loop", build_fp_loop, False),
-        (f"{layer} ternary (TTQ w, BTQ a)", build_ternary, False),
-        (compiled, lambda c: build_ternary_compiled(c, compile_mode), False),
-        (f"{compiled} + distillation", lambda c: build_ternary_compiled(c, compile_mode), True),
+        (f"{ternary} (TTQ w, BTQ a)", lambda c: build_ternary(c, slopes), False),
+        (compiled, build_compiled, False),
+        (f"{compiled} + distillation", build_compiled, True),
     ]
+
+
+@dataclass(frozen=True)
+class Slopes:
+    """The ternary layer's sloping factors: sigmoid(sigma * x), tanh(tanh * x)."""
+
+    sigma: float = 1.0
+    tanh: float = 1.0
+
+    def __str__(self) -> str:
+        return f"{self.sigma:g}/{self.tanh:g}"
 
 
 @dataclass
@@ -183,10 +206,10 @@ def time_variant(
 
 
 def bench_cell(
-    cell: str, device: torch.device, steps: int, warmup: int, compile_mode: str
+    cell: str, device: torch.device, steps: int, warmup: int, compile_mode: str, slopes: Slopes
 ) -> list[Result]:
     results: list[Result] = []
-    for variant, build, distilled in variants(cell, compile_mode):
+    for variant, build, distilled in variants(cell, compile_mode, slopes):
         torch.manual_seed(0)
         model = build(cell)
         teacher = Distillation(build_teacher(cell), temperature=1.0) if distilled else None
@@ -248,6 +271,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cells", default="lstm,gru", help="comma-separated: lstm, gru")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     parser.add_argument(
+        "--slopes", default="1,1", help="the ternary layer's lambda_sigma,lambda_tanh (default 1,1)"
+    )
+    parser.add_argument(
         "--compile-mode",
         default=None,
         help="torch.compile mode of the compiled ternary variant "
@@ -260,6 +286,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--cells takes lstm and/or gru, got {args.cells}")
     if args.steps < 1 or args.warmup < 0:
         parser.error("need --steps >= 1 and --warmup >= 0")
+    try:
+        sigma, tanh = (float(value) for value in args.slopes.split(","))
+    except ValueError:  # not two values, or not numbers
+        parser.error(f"--slopes takes lambda_sigma,lambda_tanh; got {args.slopes!r}")
+    if min(sigma, tanh) <= 0:
+        parser.error(f"--slopes must be positive, got {args.slopes!r}")
+    args.slopes = Slopes(sigma, tanh)
     return args
 
 
@@ -272,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"steps:  {args.steps} timed after {args.warmup} warm-up, SGD lr {LR}, clip {CLIP}")
     results = []
     for cell in args.cells:
-        cell_results = bench_cell(cell, device, args.steps, args.warmup, compile_mode)
+        cell_results = bench_cell(cell, device, args.steps, args.warmup, compile_mode, args.slopes)
         print_table(cell, cell_results)
         results.extend(cell_results)
     if args.json is not None:
@@ -281,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "steps": args.steps,
             "warmup": args.warmup,
+            "slopes": asdict(args.slopes),
             "shape": {
                 "batch": BATCH,
                 "bptt": BPTT,

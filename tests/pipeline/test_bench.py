@@ -40,7 +40,10 @@ def test_sweep_throughput_measures_every_concurrency_level(smoke_project: Path) 
     assert "| 1 | 0 |" in result.stdout and "(1.00x)" in result.stdout
 
 
-def test_step_time_reports_each_variant_against_torch(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("slopes", "named"), [("1,1", "ternary (TTQ"), ("2,0.5", "slopes 2/0.5")])
+def test_step_time_reports_each_variant_against_torch(
+    tmp_path: Path, slopes: str, named: str
+) -> None:
     out = tmp_path / "step_time.json"
     repo = Path(__file__).resolve().parents[2]
     run_tool(
@@ -48,12 +51,15 @@ def test_step_time_reports_each_variant_against_torch(tmp_path: Path) -> None:
         sys.executable,
         "bench/step_time.py",
         *("--device", "cpu", "--steps", "2", "--warmup", "1", "--cells", "gru"),
-        *("--json", str(out)),
+        *("--slopes", slopes, "--json", str(out)),
     )
-    results = json.loads(out.read_text())["results"]
-    baseline, *others = results
+    report = json.loads(out.read_text())
+    sigma, tanh = (float(value) for value in slopes.split(","))
+    assert report["slopes"] == {"sigma": sigma, "tanh": tanh}
+    baseline, *others = report["results"]
     assert baseline["ratio"] == 1.0 and len(others) == 4
     assert others[-1]["variant"].endswith("+ distillation")
+    assert all(named in result["variant"] for result in others[1:])  # the ternary variants
     for result in others:
         assert math.isclose(result["ratio"], result["median_ms"] / baseline["median_ms"])
         assert math.isfinite(result["final_loss"])
