@@ -58,6 +58,17 @@ DISTILL_WEIGHT = 0.9
 TORCH_RNN: dict[str, type[nn.LSTM] | type[nn.GRU]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
+@dataclass(frozen=True)
+class Slopes:
+    """The ternary layer's sloping factors: sigmoid(sigma * x), tanh(tanh * x)."""
+
+    sigma: float = 1.0
+    tanh: float = 1.0
+
+    def __str__(self) -> str:
+        return f"{self.sigma:g}/{self.tanh:g}"
+
+
 class TorchRecurrent(nn.Module):
     """A plain ``torch.nn.LSTM`` / ``GRU`` that takes (and ignores) the model's ``generator``."""
 
@@ -135,17 +146,6 @@ def variants(cell: str, compile_mode: str, slopes: Slopes) -> list[Variant]:
         (compiled, build_compiled, False),
         (f"{compiled} + distillation", build_compiled, True),
     ]
-
-
-@dataclass(frozen=True)
-class Slopes:
-    """The ternary layer's sloping factors: sigmoid(sigma * x), tanh(tanh * x)."""
-
-    sigma: float = 1.0
-    tanh: float = 1.0
-
-    def __str__(self) -> str:
-        return f"{self.sigma:g}/{self.tanh:g}"
 
 
 @dataclass
