@@ -121,6 +121,11 @@ def _started_trials(output: str) -> list[str]:
     return re.findall(r"Trial (train_trial_\w+) started", output)
 
 
+def _ran_the_configured_setting(trial_rows: list[str]) -> bool:
+    """One trial ran params.yaml's own LSTM setting (quant.per_cell.lstm: 2, 2, 0.5)."""
+    return ["2.0", "2.0", "0.5"] in [row.split(",")[1:4] for row in trial_rows]
+
+
 @pytest.mark.slow
 def test_a_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(fp_project):
     log = fp_project / "first.log"
@@ -153,6 +158,8 @@ def test_a_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(fp_
     assert finished[0] not in _started_trials(output)  # a finished trial was not rerun
     rows = (fp_project / "runs/tune-resume/trials.csv").read_text().splitlines()[1:]
     assert len(rows) == 3
+    assert "first trial at the configured setting" in log.read_text()
+    assert _ran_the_configured_setting(rows)
 
 
 @pytest.mark.slow
@@ -202,9 +209,7 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
         # The head offers no CPU: every trial that finished ran on the worker process.
         rows = (fp_project / "runs/tune-cluster/trials.csv").read_text().splitlines()[1:]
         assert len(rows) == 3 and all(row.endswith(",") for row in rows)  # no error column
-        # One trial ran params.yaml's own LSTM setting (quant.per_cell.lstm).
-        assert "first trial at the configured setting" in output
-        assert ["2.0", "2.0", "0.5"] in [row.split(",")[1:4] for row in rows]
+        assert _ran_the_configured_setting(rows)
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
     leftover = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
