@@ -64,13 +64,15 @@ def starting_point(params: Params, cell: CellType) -> dict[str, float] | None:
     its best is never a setting it did not compare with the configured one. None when a value
     lies outside its searched range (Optuna would not take it)."""
     quant = params.quant.for_cell(cell)
-    point = {key: getattr(quant, key) for key in QUANT_SEARCHED}
-    if params.tune.lr is not None:
-        point["lr"] = params.recipe("ternary", cell).lr
-    if params.tune.dropout is not None:
-        point["dropout"] = params.dropout(cell, ternary=True)
+    configured = {
+        **{key: getattr(quant, key) for key in QUANT_SEARCHED},
+        "lr": params.recipe("ternary", cell).lr,
+        "dropout": params.dropout(cell, ternary=True),
+    }
+    space = search_space(params.tune)
+    point = {key: configured[key] for key in space}
     for key, value in point.items():
-        low, high = getattr(params.tune, key)
+        low, high = space[key].lower, space[key].upper
         if not low <= value <= high:
             print(
                 f"tune@{cell}: no first trial at the configured setting: {key} {value} "
