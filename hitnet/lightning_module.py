@@ -48,6 +48,7 @@ class LanguageModelTask(pl.LightningModule):
         lr: float = 20.0,
         lr_decay: float = 0.25,
         lr_patience: int = 0,
+        lr_threshold: float = 0.0,
         eval_seed: int = 0,
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
@@ -56,10 +57,10 @@ class LanguageModelTask(pl.LightningModule):
     ) -> None:
         super().__init__()
         config = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
-        if lr <= 0 or not 0 < lr_decay < 1 or lr_patience < 0:
+        if lr <= 0 or not 0 < lr_decay < 1 or lr_patience < 0 or not 0 <= lr_threshold < 1:
             raise ValueError(
-                f"need lr > 0, 0 < lr_decay < 1, lr_patience >= 0; got {lr}, {lr_decay}, "
-                f"{lr_patience}"
+                "need lr > 0, 0 < lr_decay < 1, lr_patience >= 0, 0 <= lr_threshold < 1; got "
+                f"{lr}, {lr_decay}, {lr_patience}, {lr_threshold}"
             )
         if not 0 <= distill_weight <= 1 or distill_temperature <= 0:
             raise ValueError(
@@ -76,6 +77,7 @@ class LanguageModelTask(pl.LightningModule):
                 "lr": lr,
                 "lr_decay": lr_decay,
                 "lr_patience": lr_patience,
+                "lr_threshold": lr_threshold,
                 "eval_seed": eval_seed,
                 "distill_weight": distill_weight,
                 "distill_temperature": distill_temperature,
@@ -206,7 +208,8 @@ class LanguageModelTask(pl.LightningModule):
     # --- optimisation -----------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
-        # lr / 4 as soon as validation perplexity fails to improve (the classic PTB recipe).
+        # lr / 4 as soon as validation perplexity fails to improve (the classic PTB recipe);
+        # with lr_threshold, an epoch improves only if it beats the best by that fraction.
         # Stepped by this module right after validation, not by Lightning after the epoch:
         # an end-of-epoch checkpoint must already hold that epoch's step to resume exactly.
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -214,7 +217,8 @@ class LanguageModelTask(pl.LightningModule):
             mode="min",
             factor=self.hparams.lr_decay,
             patience=self.hparams.lr_patience,
-            threshold=0.0,
+            threshold=self.hparams.lr_threshold,
+            threshold_mode="rel",
         )
         if self._resumed_plateau is not None:
             self.plateau.load_state_dict(self._resumed_plateau)

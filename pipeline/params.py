@@ -21,6 +21,7 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
 DistillWeight = Annotated[float, Field(ge=0, le=1)]
+PlateauThreshold = Probability  # a relative improvement, in [0, 1)
 TTQThreshold = Annotated[float, Field(ge=0, le=3)]
 
 
@@ -127,6 +128,7 @@ class RecipeOverride(Section):
     epochs: PositiveInt | None = None
     lr: PositiveFloat | None = None
     lr_patience: NonNegativeInt | None = None
+    lr_threshold: PlateauThreshold | None = None
     dropout: Probability | None = None
     distill_weight: DistillWeight | None = None
     distill_temperature: PositiveFloat | None = None
@@ -141,6 +143,8 @@ class TrainParams(CellSpecific):
     lr: PositiveFloat = 20.0
     lr_decay: Annotated[float, Field(gt=0, lt=1)] = 0.25
     lr_patience: NonNegativeInt = 0
+    # an epoch counts as an improvement only if it lowers the best val PPW by this fraction
+    lr_threshold: PlateauThreshold = 0.0
     clip: PositiveFloat = 0.25
     dropout: Probability | None = None  # None: model.dropout
     # ternary only: weight of distillation from the FP model (0: plain cross-entropy)

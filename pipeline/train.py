@@ -73,6 +73,7 @@ def build_task(params: Params, cell: CellType, kind: Kind, vocab_size: int) -> L
         lr=recipe.lr,
         lr_decay=recipe.lr_decay,
         lr_patience=recipe.lr_patience,
+        lr_threshold=recipe.lr_threshold,
         eval_seed=params.seed,
         distill_weight=recipe.distill_weight,
         distill_temperature=recipe.distill_temperature,

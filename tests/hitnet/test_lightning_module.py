@@ -83,11 +83,25 @@ def test_lr_is_divided_by_four_when_validation_perplexity_does_not_improve():
     assert lrs == [20.0, 20.0, 5.0, 5.0, 1.25]
 
 
+def test_lr_threshold_counts_small_improvements_as_a_plateau():
+    task = _task(20, lr=20.0, lr_patience=1, lr_threshold=0.01)
+    optimizer = task.configure_optimizers()
+    lrs = []
+    # 99.5 and 99.2 beat 100 by less than 1%: two epochs without improvement -> lr / 4;
+    # 95 is 4% better, so the count starts again
+    for val_ppl in [100.0, 99.5, 99.2, 95.0, 94.5]:
+        task.plateau.step(val_ppl)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == [20.0, 20.0, 5.0, 5.0, 5.0]
+
+
 def test_bad_optimisation_settings_are_rejected():
     with pytest.raises(ValueError, match="lr > 0"):
         _task(20, lr=0.0)
     with pytest.raises(ValueError, match="0 < lr_decay < 1"):
         _task(20, lr_decay=4.0)
+    with pytest.raises(ValueError, match="0 <= lr_threshold < 1"):
+        _task(20, lr_threshold=1.0)
     with pytest.raises(ValueError, match="0 <= distill_weight <= 1"):
         _task(20, distill_weight=1.5)
     with pytest.raises(ValueError, match="distill_weight > 0"):

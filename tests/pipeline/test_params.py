@@ -106,6 +106,12 @@ BAD_VALUES = [
         id="lr-decay-above-one",
     ),
     pytest.param(
+        {"train_ternary": {"per_cell": {"lstm": {"lr_threshold": 1.0}}}},
+        "train_ternary.per_cell.lstm.lr_threshold",
+        "less than 1",
+        id="lr-threshold-not-a-fraction",
+    ),
+    pytest.param(
         {"report": {"eval_seeds": []}},
         "report.eval_seeds",
         "at least 1 item",
