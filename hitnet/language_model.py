@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hitnet.quantizers import QuantConfig, ternarize_threshold
+from hitnet.quantizers import BTQEvalMode, QuantConfig, ternarize_threshold
 from hitnet.recurrent import RECURRENT_LAYERS
 
 CellType = Literal["lstm", "gru"]
@@ -65,6 +65,10 @@ class ModelConfig:
             lambda_tanh=1.0,
             ternary_embedding_decoder=False,
         )
+
+    def evaluated_as(self, btq_eval: BTQEvalMode) -> ModelConfig:
+        """The same model with its BTQ evaluated as ``btq_eval`` says (training is unchanged)."""
+        return replace(self, quant=replace(self.quant, btq_eval=btq_eval))
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:

@@ -214,6 +214,11 @@ class TuneParams(Section):
 class ReportParams(Section):
     # BTQ evaluated stochastically: test once per seed, report mean and spread.
     eval_seeds: Annotated[list[NonNegativeInt], Field(min_length=1)] = [0, 1, 2, 3, 4]
+    # how the report evaluates BTQ; None: quant.btq_eval, the mode the models validated with
+    btq_eval: BTQEvalMode | None = None
+
+    def evaluation_mode(self, quant: QuantParams) -> BTQEvalMode:
+        return self.btq_eval or quant.btq_eval
 
 
 class TrackingParams(Section):

@@ -37,8 +37,16 @@ KINDS = ("fp", "ternary")
 def test_perplexities(
     checkpoint: Path, params: Params, data_dir: Path, limit_batches: int | None
 ) -> list[float]:
-    """Test perplexity of a checkpoint, once per evaluation seed when BTQ draws at eval."""
+    """Test perplexity of a checkpoint, once per evaluation seed when BTQ draws at eval.
+
+    BTQ is evaluated as the report's params say, whatever mode the model validated with.
+    """
     task = LanguageModelTask.load_from_checkpoint(checkpoint, map_location="cpu")
+    mode = params.report.evaluation_mode(params.quant)
+    if task.model.config.quant.btq_eval != mode:
+        task = LanguageModelTask.load_from_checkpoint(
+            checkpoint, map_location="cpu", model=task.model.config.evaluated_as(mode)
+        )
     quant = task.model.config.quant
     stochastic = quant.needs_noise and quant.btq_eval == "stochastic"
     seeds = params.report.eval_seeds if stochastic else params.report.eval_seeds[:1]
@@ -173,7 +181,7 @@ def report(params: Params, runs_dir: Path, data_dir: Path, out_dir: Path) -> dic
             for cell, kinds in results.items()
         }
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", "utf-8")
-        table = markdown_table(results, params.quant.btq_eval)
+        table = markdown_table(results, params.report.evaluation_mode(params.quant))
         (out_dir / "README.md").write_text(
             "# HitNet on PTB: test perplexity per word\n\n"
             + table

@@ -112,6 +112,12 @@ BAD_VALUES = [
         id="lr-threshold-not-a-fraction",
     ),
     pytest.param(
+        {"report": {"btq_eval": "rounded"}},
+        "report.btq_eval",
+        "'stochastic' or 'deterministic'",
+        id="unknown-report-btq-eval",
+    ),
+    pytest.param(
         {"report": {"eval_seeds": []}},
         "report.eval_seeds",
         "at least 1 item",
