@@ -43,10 +43,10 @@ def test_perplexities(
     """
     task = LanguageModelTask.load_from_checkpoint(checkpoint, map_location="cpu")
     mode = params.report.evaluation_mode(params.quant)
-    if task.model.config.quant.btq_eval != mode:
-        task = LanguageModelTask.load_from_checkpoint(
-            checkpoint, map_location="cpu", model=task.model.config.evaluated_as(mode)
-        )
+    if task.model.config.quant.btq_eval != mode:  # same weights, other evaluation
+        weights = task.state_dict()
+        task = LanguageModelTask(**{**task.hparams, "model": task.model.config.evaluated_as(mode)})
+        task.load_state_dict(weights)
     quant = task.model.config.quant
     stochastic = quant.needs_noise and quant.btq_eval == "stochastic"
     seeds = params.report.eval_seeds if stochastic else params.report.eval_seeds[:1]
