@@ -38,7 +38,7 @@ def test_repo_params_give_the_classic_recipe() -> None:
     assert params.train_fp.per_cell == {}
     # The ternary recipe of the GPU results (results/h100/search*.md), one per cell.
     lstm, gru = params.recipe("ternary", "lstm"), params.recipe("ternary", "gru")
-    assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.25, 2, 54)
+    assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.25, 2, 66)
     assert (gru.lr, gru.dropout, gru.lr_patience, gru.epochs) == (2.0, 0.2, 1, 55)
     assert (lstm.average_from_epoch, gru.average_from_epoch) == (None, 35)
     assert (lstm.activation_warmup_steps, gru.activation_warmup_steps) == (0, 0)
@@ -48,6 +48,9 @@ def test_repo_params_give_the_classic_recipe() -> None:
     assert params.quant.slope_gradient == "unit"
     assert params.quant.weight == "ttq"
     assert params.quant.activation == "btq"
+    # Validation rounds BTQ; the report draws it over several seeds (search9.md).
+    assert params.quant.btq_eval == "deterministic"
+    assert params.report.evaluation_mode(params.quant) == "stochastic"
 
 
 def test_repo_params_parse_from_the_raw_dict(repo_raw: dict[str, Any]) -> None:
