@@ -24,7 +24,7 @@ from hitnet.lightning_module import LanguageModelTask
 from pipeline.history import read_history
 from pipeline.params import Params, load_params
 from pipeline.tracking import stage_run
-from pipeline.train import datamodule_for
+from pipeline.train import compile_as_configured, datamodule_for
 
 # HitNet (NeurIPS 2018), PTB test perplexity per word, 1x300 (../shared/HITNET.md).
 PAPER = {
@@ -34,19 +34,24 @@ PAPER = {
 KINDS = ("fp", "ternary")
 
 
-def test_perplexities(
-    checkpoint: Path, params: Params, data_dir: Path, limit_batches: int | None
-) -> list[float]:
-    """Test perplexity of a checkpoint, once per evaluation seed when BTQ draws at eval.
-
-    BTQ is evaluated as the report's params say, whatever mode the model validated with.
-    """
+def load_for_evaluation(checkpoint: Path, params: Params) -> LanguageModelTask:
+    """A checkpoint's model, evaluating BTQ as the report's params say (whatever mode the
+    model validated with), its recurrence compiled as the training stages compile it."""
     task = LanguageModelTask.load_from_checkpoint(checkpoint, map_location="cpu")
     mode = params.report.evaluation_mode(params.quant)
     if task.model.config.quant.btq_eval != mode:  # same weights, other evaluation
         weights = task.state_dict()
         task = LanguageModelTask(**{**task.hparams, "model": task.model.config.evaluated_as(mode)})
         task.load_state_dict(weights)
+    compile_as_configured(task, params.hardware)
+    return task
+
+
+def test_perplexities(
+    checkpoint: Path, params: Params, data_dir: Path, limit_batches: int | None
+) -> list[float]:
+    """Test perplexity of a checkpoint, once per evaluation seed when BTQ draws at eval."""
+    task = load_for_evaluation(checkpoint, params)
     quant = task.model.config.quant
     stochastic = quant.needs_noise and quant.btq_eval == "stochastic"
     seeds = params.report.eval_seeds if stochastic else params.report.eval_seeds[:1]

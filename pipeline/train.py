@@ -28,7 +28,7 @@ from hitnet.data import PTBDataModule
 from hitnet.language_model import CellType
 from hitnet.lightning_module import LanguageModelTask
 from pipeline.history import EpochHistory, read_history
-from pipeline.params import Params, TrainParams, load_params
+from pipeline.params import HardwareParams, Params, TrainParams, load_params
 from pipeline.tracking import stage_run
 
 Kind = Literal["fp", "ternary"]
@@ -92,6 +92,13 @@ def start_from_fp(task: LanguageModelTask, fp_checkpoint: Path, load_weights: bo
         teacher = LanguageModelTask(task.model.config.full_precision())
         teacher.load_state_dict(state)
         task.set_teacher(teacher.model)
+
+
+def compile_as_configured(task: LanguageModelTask, hardware: HardwareParams) -> None:
+    """The recurrence compiled as `hardware.compile` says, in every stage that runs a model:
+    rounded BTQ then meets the same float32 arithmetic in training, sweeps and the report."""
+    if not task.model.recurrent.uses_fused_kernel:  # cuDNN needs no compiling
+        task.model.recurrent.compile_recurrence(hardware.compile_mode())
 
 
 def build_trainer(
@@ -191,8 +198,7 @@ def _fit_and_test(
     task = build_task(params, cell, kind, datamodule.vocab_size)
     if init_from is not None:
         start_from_fp(task, init_from, load_weights=not resuming)
-    if not task.model.recurrent.uses_fused_kernel:  # cuDNN needs no compiling
-        task.model.recurrent.compile_recurrence(params.hardware.compile_mode())
+    compile_as_configured(task, params.hardware)
 
     history = EpochHistory(out_dir / "history.csv", stage_name(kind, cell), log_metrics)
     best = ModelCheckpoint(

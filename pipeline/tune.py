@@ -36,6 +36,7 @@ from pipeline.tracking import StageRun, stage_run, tracking_uri
 from pipeline.train import (
     build_task,
     build_trainer,
+    compile_as_configured,
     datamodule_for,
     fingerprint,
     start_from_fp,
@@ -137,7 +138,7 @@ def train_trial(
             resume_from = Path(tempfile.mkdtemp()) / "trial.ckpt"
             resume_from.write_bytes((Path(folder) / "trial.ckpt").read_bytes())
     start_from_fp(task, Path(fp_checkpoint), load_weights=checkpoint is None)
-    task.model.recurrent.compile_recurrence(params.hardware.compile_mode())
+    compile_as_configured(task, params.hardware)
     fail_at = params.tune.fail_at_epoch if checkpoint is None else None
     # _ReportToTune is the checkpoint callback: Lightning adds no default one.
     trainer = build_trainer(

@@ -55,3 +55,18 @@ def test_report_evaluates_btq_as_its_params_say(ternary_checkpoint: Path, ptb_di
     # without report.btq_eval the report follows quant.btq_eval, whatever the checkpoint says
     assert perplexities("deterministic", None) == rounded
     assert perplexities("deterministic", "stochastic") == draws
+
+
+@pytest.mark.slow
+def test_report_compiles_the_recurrence_as_training_does(ternary_checkpoint: Path, ptb_dir: Path):
+    eager = _params("deterministic", None)
+    compiled = eager.model_copy(
+        update={"hardware": eager.hardware.model_copy(update={"compile": "default"})}
+    )
+    for params, mode in ((eager, None), (compiled, "default")):
+        task = report.load_for_evaluation(ternary_checkpoint, params)
+        assert task.model.recurrent.compile_mode == mode
+    # the same function either way, so the same rounded perplexity up to float32 sums
+    (rounded_eager,) = report.test_perplexities(ternary_checkpoint, eager, ptb_dir, TEST_BATCHES)
+    (rounded_fast,) = report.test_perplexities(ternary_checkpoint, compiled, ptb_dir, TEST_BATCHES)
+    assert rounded_fast == pytest.approx(rounded_eager, rel=1e-4)
