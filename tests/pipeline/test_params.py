@@ -39,8 +39,8 @@ def test_repo_params_give_the_classic_recipe() -> None:
     # The ternary recipe of the GPU results (results/h100/search*.md), one per cell.
     lstm, gru = params.recipe("ternary", "lstm"), params.recipe("ternary", "gru")
     assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.25, 2, 66)
-    assert (gru.lr, gru.dropout, gru.lr_patience, gru.epochs) == (2.0, 0.2, 1, 55)
-    assert (lstm.average_from_epoch, gru.average_from_epoch) == (None, 35)
+    assert (gru.lr, gru.dropout, gru.lr_patience, gru.epochs) == (2.0, 0.2, 4, 90)
+    assert (lstm.average_from_epoch, gru.average_from_epoch) == (None, 55)
     assert (lstm.activation_warmup_steps, gru.activation_warmup_steps) == (0, 0)
     assert (lstm.distill_weight, lstm.distill_temperature) == (0.9, 1.0)
     assert (gru.distill_weight, gru.distill_temperature) == (0.9, 2.0)
@@ -181,7 +181,7 @@ BAD_VALUES = [
         id="averaging-after-one-cells-last-epoch",
     ),
     pytest.param(
-        {"train_ternary": {"per_cell": {"gru": {"average_from_epoch": 90}}}},
+        {"train_ternary": {"per_cell": {"gru": {"average_from_epoch": 95}}}},
         "train_ternary.per_cell.gru.average_from_epoch",
         "after the gru's last epoch",
         id="one-cells-averaging-after-its-last-epoch",
@@ -361,10 +361,11 @@ def test_ternary_model_config_from_repo_params() -> None:
     assert config.quant.activation == "btq"
     assert config.quant.activations == frozenset({"gates", "candidate", "hidden"})
     assert config.quant != QuantConfig()
-    # The LSTM's slopes and threshold of the GPU search (search5.md); the GRU's are the shared.
+    # The LSTM's slopes and threshold of the GPU search (search5.md); the GRU keeps the shared
+    # slopes 1 with its own threshold (search10.md).
     assert (config.lambda_sigma, config.lambda_tanh, config.quant.ttq_threshold) == (2, 2, 0.5)
     gru = params.build_model_config("gru", vocab_size=10_000, ternary=True)
-    assert (gru.lambda_sigma, gru.lambda_tanh, gru.quant.ttq_threshold) == (1, 1, 0.7)
+    assert (gru.lambda_sigma, gru.lambda_tanh, gru.quant.ttq_threshold) == (1, 1, 0.5)
 
 
 def test_per_cell_quant_values_apply_to_that_cell_and_a_sweeps_best_wins_over_them(
