@@ -168,6 +168,20 @@ class HardwareParams(Section):
     # torch.compile of the quantized recurrence; auto: reduce-overhead (CUDA graphs) on a
     # GPU, eager elsewhere. Same function either way (tests/hitnet/test_compiled.py).
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = "auto"
+    # torch's deterministic algorithms for the whole stage. Inductor then keeps its heuristic
+    # kernel configs rather than timing candidates on first use: a timed choice can differ
+    # between runs on a busy GPU, and with it the last bits of a reduction (search11.md).
+    # An op with no deterministic kernel warns rather than stops a long run.
+    deterministic: bool = False
+
+    def trainer_kwargs(self) -> dict[str, object]:
+        """The Lightning Trainer's hardware arguments, the same in every stage."""
+        return {
+            "accelerator": self.accelerator,
+            "devices": self.devices,
+            "precision": self.precision,
+            "deterministic": "warn" if self.deterministic else None,  # None: torch's default
+        }
 
     def compile_mode(self) -> str | None:
         if self.compile == "auto":

@@ -56,9 +56,7 @@ def test_perplexities(
     stochastic = quant.needs_noise and quant.btq_eval == "stochastic"
     seeds = params.report.eval_seeds if stochastic else params.report.eval_seeds[:1]
     trainer = pl.Trainer(
-        accelerator=params.hardware.accelerator,
-        devices=params.hardware.devices,
-        precision=params.hardware.precision,
+        **params.hardware.trainer_kwargs(),
         limit_test_batches=limit_batches,
         logger=False,
         enable_progress_bar=False,

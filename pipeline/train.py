@@ -108,9 +108,7 @@ def build_trainer(
     return pl.Trainer(
         max_epochs=recipe.epochs,
         gradient_clip_val=recipe.clip,
-        accelerator=params.hardware.accelerator,
-        devices=params.hardware.devices,
-        precision=params.hardware.precision,
+        **params.hardware.trainer_kwargs(),
         limit_train_batches=recipe.limit_train_batches,
         limit_val_batches=recipe.limit_eval_batches,
         limit_test_batches=recipe.limit_eval_batches,

@@ -133,6 +133,12 @@ BAD_VALUES = [
         id="unknown-precision",
     ),
     pytest.param(
+        {"hardware": {"deterministic": "yes"}},
+        "hardware.deterministic",
+        "valid boolean",
+        id="deterministic-not-a-boolean",
+    ),
+    pytest.param(
         {"model": {"tie_weights": True, "embedding_size": 200}},
         "model.tie_weights",
         "model.embedding_size == model.hidden_size",

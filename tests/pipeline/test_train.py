@@ -9,7 +9,7 @@ import torch
 
 from hitnet.lightning_module import LanguageModelTask
 from pipeline.params import Params
-from pipeline.train import train
+from pipeline.train import build_trainer, train
 from tests.pipeline.conftest import SMOKE, deep_update
 
 # The smoke run's tiny model, distilled, with its activations' noise ramped in over three
@@ -66,3 +66,23 @@ def test_a_distilled_averaged_ternary_stage_starts_from_its_fp_model_and_saves_o
     task = LanguageModelTask.load_from_checkpoint(tmp_path / "ternary" / "model.ckpt")
     assert task.hparams.distill_weight == 0.5 and task.model.config.quant.weight == "ttq"
     assert task.hparams.activation_warmup_steps == 3
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_hardware_deterministic_sets_torchs_deterministic_algorithms_for_the_stage(
+    tmp_path: Path, deterministic: bool
+):
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    params = Params.model_validate(
+        deep_update(TINY, {"hardware": {"deterministic": deterministic}})
+    )
+    try:
+        build_trainer(params, params.recipe("ternary", "gru"), tmp_path, [])
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        # an op without a deterministic kernel warns instead of stopping the run
+        assert torch.is_deterministic_algorithms_warn_only_enabled() is deterministic
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
