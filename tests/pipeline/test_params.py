@@ -403,3 +403,14 @@ def test_per_cell_quant_values_apply_to_that_cell_and_a_sweeps_best_wins_over_th
 def test_hardware_compile_mode(accelerator, compile_setting, expected):
     hardware = HardwareParams(accelerator=accelerator, compile=compile_setting)
     assert hardware.compile_mode() == expected
+
+
+def test_hardware_gives_every_stages_trainer_the_same_arguments():
+    off = HardwareParams(accelerator="cpu").trainer_kwargs()
+    assert off == {
+        "accelerator": "cpu",
+        "devices": 1,
+        "precision": "32-true",
+        "deterministic": None,
+    }
+    assert HardwareParams(deterministic=True).trainer_kwargs()["deterministic"] == "warn"
