@@ -39,8 +39,8 @@ def test_repo_params_give_the_classic_recipe() -> None:
     # The ternary recipe of the GPU results (results/h100/search*.md), one per cell.
     lstm, gru = params.recipe("ternary", "lstm"), params.recipe("ternary", "gru")
     assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.25, 2, 66)
-    assert (gru.lr, gru.dropout, gru.lr_patience, gru.epochs) == (2.0, 0.2, 4, 90)
-    assert (lstm.average_from_epoch, gru.average_from_epoch) == (None, 55)
+    assert (gru.lr, gru.dropout, gru.lr_patience, gru.epochs) == (2.0, 0.2, 4, 110)
+    assert (lstm.average_from_epoch, gru.average_from_epoch) == (None, 90)
     assert (lstm.activation_warmup_steps, gru.activation_warmup_steps) == (0, 0)
     assert (lstm.distill_weight, lstm.distill_temperature) == (0.9, 1.0)
     assert (gru.distill_weight, gru.distill_temperature) == (0.9, 2.0)
@@ -187,9 +187,9 @@ BAD_VALUES = [
         id="averaging-after-one-cells-last-epoch",
     ),
     pytest.param(
-        {"train_ternary": {"per_cell": {"gru": {"average_from_epoch": 95}}}},
+        {"train_ternary": {"per_cell": {"gru": {"average_from_epoch": 115}}}},
         "train_ternary.per_cell.gru.average_from_epoch",
-        "after the gru's last epoch",
+        "after the gru's last epoch (110)",
         id="one-cells-averaging-after-its-last-epoch",
     ),
 ]
