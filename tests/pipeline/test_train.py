@@ -1,4 +1,5 @@
-"""The training stage's link to the FP model: initial weights and distillation teacher."""
+"""The training stage: its link to the FP model (initial weights, distillation teacher) and
+its Trainer's hardware switches."""
 
 from __future__ import annotations
 
