@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from hitnet.averaging import WeightAverage
 from hitnet.language_model import ModelConfig, RecurrentState, RNNLanguageModel, detach_state
@@ -49,6 +50,7 @@ class LanguageModelTask(pl.LightningModule):
         lr_decay: float = 0.25,
         lr_patience: int = 0,
         lr_threshold: float = 0.0,
+        lr_milestones: list[int] | None = None,
         eval_seed: int = 0,
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
@@ -67,6 +69,12 @@ class LanguageModelTask(pl.LightningModule):
                 "need 0 <= distill_weight <= 1 and distill_temperature > 0; got "
                 f"{distill_weight}, {distill_temperature}"
             )
+        if lr_milestones is not None and (
+            not lr_milestones
+            or min(lr_milestones) < 1
+            or sorted(set(lr_milestones)) != lr_milestones
+        ):
+            raise ValueError(f"lr_milestones must be increasing epochs >= 1, got {lr_milestones}")
         if average_from_epoch is not None and average_from_epoch < 1:
             raise ValueError(f"average_from_epoch counts from 1, got {average_from_epoch}")
         if activation_warmup_steps < 0:
@@ -78,6 +86,7 @@ class LanguageModelTask(pl.LightningModule):
                 "lr_decay": lr_decay,
                 "lr_patience": lr_patience,
                 "lr_threshold": lr_threshold,
+                "lr_milestones": lr_milestones,
                 "eval_seed": eval_seed,
                 "distill_weight": distill_weight,
                 "distill_temperature": distill_temperature,
@@ -91,7 +100,7 @@ class LanguageModelTask(pl.LightningModule):
         self._nll_sum: Tensor | None = None
         self._token_count = 0
         self._resumed_rng: dict[str, Any] | None = None
-        self._resumed_plateau: dict[str, Any] | None = None
+        self._resumed_schedule: dict[str, Any] | None = None
         self._distillation: Distillation | None = None
         self._average: WeightAverage | None = None
         self._resumed_average: dict[str, Any] | None = None
@@ -191,7 +200,10 @@ class LanguageModelTask(pl.LightningModule):
         val_ppl = self._log_perplexity("val")
         fitting = self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
         if fitting and self._average is None:  # averaged SGD keeps its lr constant
-            self.plateau.step(val_ppl)
+            if isinstance(self.lr_schedule, ReduceLROnPlateau):
+                self.lr_schedule.step(val_ppl)
+            else:  # fixed milestones: blind to the noise of a ternary model's val curve
+                self.lr_schedule.step()
         self._state, self._nll_sum, self._token_count = self._train_snapshot
         if self._average is not None:  # back to the weights training goes on from
             self._average.swap()
@@ -208,27 +220,35 @@ class LanguageModelTask(pl.LightningModule):
     # --- optimisation -----------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
-        # lr / 4 as soon as validation perplexity fails to improve (the classic PTB recipe);
-        # with lr_threshold, an epoch improves only if it beats the best by that fraction.
-        # Stepped by this module right after validation, not by Lightning after the epoch:
-        # an end-of-epoch checkpoint must already hold that epoch's step to resume exactly.
-        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer,
-            mode="min",
-            factor=self.hparams.lr_decay,
-            patience=self.hparams.lr_patience,
-            threshold=self.hparams.lr_threshold,
-            threshold_mode="rel",
-        )
-        if self._resumed_plateau is not None:
-            self.plateau.load_state_dict(self._resumed_plateau)
-            self._resumed_plateau = None
+        # Either lr * lr_decay after each epoch of lr_milestones, or (the classic PTB recipe)
+        # lr / 4 as soon as validation perplexity fails to improve; with lr_threshold, an epoch
+        # improves only if it beats the best by that fraction. Stepped by this module right
+        # after validation, not by Lightning after the epoch: an end-of-epoch checkpoint must
+        # already hold that epoch's step to resume exactly.
+        milestones = self.hparams.get("lr_milestones")
+        self.lr_schedule: torch.optim.lr_scheduler.LRScheduler | ReduceLROnPlateau
+        if milestones:
+            self.lr_schedule = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, milestones=milestones, gamma=self.hparams.lr_decay
+            )
+        else:
+            self.lr_schedule = ReduceLROnPlateau(
+                optimizer,
+                mode="min",
+                factor=self.hparams.lr_decay,
+                patience=self.hparams.lr_patience,
+                threshold=self.hparams.lr_threshold,
+                threshold_mode="rel",
+            )
+        if self._resumed_schedule is not None:
+            self.lr_schedule.load_state_dict(self._resumed_schedule)
+            self._resumed_schedule = None
         return optimizer
 
     # --- exact resume -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hitnet_rng"] = _get_rng_state()
-        checkpoint["hitnet_plateau"] = self.plateau.state_dict()
+        checkpoint["hitnet_lr_schedule"] = self.lr_schedule.state_dict()
         if self._average is not None:
             # The saved model is the averaged one (what val_ppl measured, what test and the
             # report load); the weights training goes on from ride along for resuming.
@@ -241,7 +261,7 @@ class LanguageModelTask(pl.LightningModule):
         # All are applied later: the optimizer does not exist yet, the weights are loaded
         # after this hook, and see on_train_epoch_start.
         self._resumed_rng = checkpoint.get("hitnet_rng")
-        self._resumed_plateau = checkpoint.get("hitnet_plateau")
+        self._resumed_schedule = checkpoint.get("hitnet_lr_schedule")
         self._resumed_average = checkpoint.get("hitnet_average")
 
     def _restore_average(self, saved: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ Probability = Annotated[float, Field(ge=0, lt=1)]
 DistillWeight = Annotated[float, Field(ge=0, le=1)]
 PlateauThreshold = Probability  # a relative improvement, in [0, 1)
 TTQThreshold = Annotated[float, Field(ge=0, le=3)]
+Milestones = Annotated[list[PositiveInt], Field(min_length=1)]
 
 
 # What a sweep searches; a sweep's best.json holds these keys (lr, dropout only when searched).
@@ -129,6 +130,7 @@ class RecipeOverride(Section):
     lr: PositiveFloat | None = None
     lr_patience: NonNegativeInt | None = None
     lr_threshold: PlateauThreshold | None = None
+    lr_milestones: Milestones | None = None
     dropout: Probability | None = None
     distill_weight: DistillWeight | None = None
     distill_temperature: PositiveFloat | None = None
@@ -145,6 +147,9 @@ class TrainParams(CellSpecific):
     lr_patience: NonNegativeInt = 0
     # an epoch counts as an improvement only if it lowers the best val PPW by this fraction
     lr_threshold: PlateauThreshold = 0.0
+    # epochs after which the lr is multiplied by lr_decay, whatever validation says; set, it
+    # replaces the plateau rule (lr_patience, lr_threshold), which reacts to BTQ's noise
+    lr_milestones: Milestones | None = None
     clip: PositiveFloat = 0.25
     dropout: Probability | None = None  # None: model.dropout
     # ternary only: weight of distillation from the FP model (0: plain cross-entropy)
@@ -226,13 +231,9 @@ class TuneParams(Section):
 
 
 class ReportParams(Section):
-    # BTQ evaluated stochastically: test once per seed, report mean and spread.
+    # BTQ drawn at test: each ternary model is tested once per seed, and reports the mean
+    # (it is also tested once with BTQ rounded)
     eval_seeds: Annotated[list[NonNegativeInt], Field(min_length=1)] = [0, 1, 2, 3, 4]
-    # how the report evaluates BTQ; None: quant.btq_eval, the mode the models validated with
-    btq_eval: BTQEvalMode | None = None
-
-    def evaluation_mode(self, quant: QuantParams) -> BTQEvalMode:
-        return self.btq_eval or quant.btq_eval
 
 
 class TrackingParams(Section):
@@ -241,7 +242,10 @@ class TrackingParams(Section):
 
 
 class Params(Section):
-    seed: NonNegativeInt = 0
+    seed: NonNegativeInt = 0  # FP models and sweeps
+    # one ternary model per cell and seed (stages train_ternary@<cell>-<seed>); the report
+    # gives their mean and spread
+    training_seeds: Annotated[list[NonNegativeInt], Field(min_length=1)] = [0, 1, 2]
     cells: list[CellType] = ["lstm", "gru"]
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -257,6 +261,12 @@ class Params(Section):
     def _tie_needs_equal_sizes(self) -> Params:
         if self.model.tie_weights and self.model.embedding_size != self.model.hidden_size:
             raise ValueError("model.tie_weights needs model.embedding_size == model.hidden_size")
+        return self
+
+    @model_validator(mode="after")
+    def _training_seeds_are_distinct(self) -> Params:
+        if len(set(self.training_seeds)) != len(self.training_seeds):
+            raise ValueError(f"training_seeds must be distinct, got {self.training_seeds}")
         return self
 
     @model_validator(mode="after")
@@ -276,18 +286,24 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
-    def _averaging_starts_in_time(self) -> Params:
+    def _epochs_fall_within_the_run(self) -> Params:
         for kind, shared in (("fp", self.train_fp), ("ternary", self.train_ternary)):
             for cell in self.cells:
                 recipe = shared.for_cell(cell)
                 start = recipe.average_from_epoch
                 if start is not None and start > recipe.epochs:
-                    override = shared.per_cell.get(cell)
-                    own = override is not None and override.average_from_epoch is not None
-                    key = f"train_{kind}.{f'per_cell.{cell}.' if own else ''}average_from_epoch"
                     raise ValueError(
-                        f"{key} ({start}) is after the {cell}'s last epoch ({recipe.epochs}): "
-                        "its weights would never be averaged"
+                        f"{_recipe_key(kind, shared, cell, 'average_from_epoch')} ({start}) is "
+                        f"after the {cell}'s last epoch ({recipe.epochs}): its weights would "
+                        "never be averaged"
+                    )
+                milestones = recipe.lr_milestones
+                if milestones is not None and (
+                    sorted(set(milestones)) != milestones or milestones[-1] >= recipe.epochs
+                ):
+                    raise ValueError(
+                        f"{_recipe_key(kind, shared, cell, 'lr_milestones')} ({milestones}) "
+                        f"must be increasing epochs before the {cell}'s last ({recipe.epochs})"
                     )
         return self
 
@@ -326,6 +342,13 @@ class Params(Section):
             lambda_tanh=quant.lambda_tanh if ternary else 1.0,
             ternary_embedding_decoder=ternary and quant.ternary_embedding_decoder,
         )
+
+
+def _recipe_key(kind: str, recipe: TrainParams, cell: CellType, name: str) -> str:
+    """The dotted key a recipe's value for ``cell`` comes from: its per_cell entry, or shared."""
+    override = recipe.per_cell.get(cell)
+    own = override is not None and getattr(override, name) is not None
+    return f"train_{kind}.{f'per_cell.{cell}.' if own else ''}{name}"
 
 
 def _describe(error: ValidationError) -> str:

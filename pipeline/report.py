@@ -1,10 +1,11 @@
 """Stage `report`: test perplexity of every model beside the paper's, and learning curves.
 
-Ternary models with stochastic BTQ evaluation are tested once per seed of
-``report.eval_seeds``: the table gives mean ± standard deviation. Writes ``report/``:
-``README.md`` (the table), ``metrics.json`` (what `dvc metrics show` prints) and
-``curves.png`` (validation perplexity per epoch of every model, and test perplexities
-beside the paper's).
+Each ternary model (one per cell and training seed) is tested with BTQ drawn, once per seed
+of ``report.eval_seeds`` (their mean is the model's figure), and with BTQ rounded. Per cell
+the report gives the mean ± std of those figures over the training seeds. Writes
+``report/``: ``README.md`` (the tables), ``metrics.json`` (per cell and kind ``{"seeds":
+{seed: test_ppl}, "mean", "std"}``; what `dvc metrics show` prints) and ``curves.png``
+(validation perplexity per epoch of every model, and test perplexities beside the paper's).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -21,10 +23,11 @@ import matplotlib.pyplot as plt
 import pytorch_lightning as pl
 
 from hitnet.lightning_module import LanguageModelTask
+from hitnet.quantizers import BTQEvalMode
 from pipeline.history import read_history
 from pipeline.params import Params, load_params
 from pipeline.tracking import stage_run
-from pipeline.train import compile_as_configured, datamodule_for
+from pipeline.train import compile_as_configured, datamodule_for, model_dir
 
 # HitNet (NeurIPS 2018), PTB test perplexity per word, 1x300 (../shared/HITNET.md).
 PAPER = {
@@ -34,11 +37,10 @@ PAPER = {
 KINDS = ("fp", "ternary")
 
 
-def load_for_evaluation(checkpoint: Path, params: Params) -> LanguageModelTask:
-    """A checkpoint's model, evaluating BTQ as the report's params say (whatever mode the
-    model validated with), its recurrence compiled as the training stages compile it."""
+def load_for_evaluation(checkpoint: Path, params: Params, mode: BTQEvalMode) -> LanguageModelTask:
+    """A checkpoint's model evaluating BTQ in ``mode`` (whatever mode it validated with), its
+    recurrence compiled as the training stages compile it."""
     task = LanguageModelTask.load_from_checkpoint(checkpoint, map_location="cpu")
-    mode = params.report.evaluation_mode(params.quant)
     if task.model.config.quant.btq_eval != mode:  # same weights, other evaluation
         weights = task.state_dict()
         task = LanguageModelTask(**{**task.hparams, "model": task.model.config.evaluated_as(mode)})
@@ -48,10 +50,15 @@ def load_for_evaluation(checkpoint: Path, params: Params) -> LanguageModelTask:
 
 
 def test_perplexities(
-    checkpoint: Path, params: Params, data_dir: Path, limit_batches: int | None
+    checkpoint: Path,
+    params: Params,
+    data_dir: Path,
+    limit_batches: int | None,
+    mode: BTQEvalMode = "stochastic",
 ) -> list[float]:
-    """Test perplexity of a checkpoint, once per evaluation seed when BTQ draws at eval."""
-    task = load_for_evaluation(checkpoint, params)
+    """Test perplexity of a checkpoint: once per seed of ``report.eval_seeds`` when BTQ draws
+    at evaluation (``mode`` stochastic and a model with noise), else once."""
+    task = load_for_evaluation(checkpoint, params, mode)
     quant = task.model.config.quant
     stochastic = quant.needs_noise and quant.btq_eval == "stochastic"
     seeds = params.report.eval_seeds if stochastic else params.report.eval_seeds[:1]
@@ -71,50 +78,76 @@ def test_perplexities(
     return results
 
 
-def summarize(perplexities: list[float]) -> dict[str, float]:
-    spread = statistics.stdev(perplexities) if len(perplexities) > 1 else 0.0
-    return {"mean": statistics.fmean(perplexities), "std": spread, "n": len(perplexities)}
+def over_seeds(by_seed: dict[int, float]) -> dict[str, Any]:
+    """``{"seeds": {seed: value}, "mean": x, "std": y}``: the spread over training seeds."""
+    values = list(by_seed.values())
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {
+        "seeds": {str(seed): round(value, 3) for seed, value in by_seed.items()},
+        "mean": round(statistics.fmean(values), 3),
+        "std": round(spread, 3),
+    }
 
 
-def markdown_table(results: dict[str, dict[str, dict[str, float]]], btq_eval: str) -> str:
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """The headline table, then every training seed's figures."""
     lines = [
-        "| model | FP test PPW (ours) | ternary test PPW (ours) | gap FP -> ternary "
+        "| model | FP (ours) | ternary (ours) | ternary, BTQ rounded | gap FP -> ternary "
         "| paper FP | paper ternary (HitNet) | previous best ternary |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for cell, kinds in results.items():
-        fp, ternary = kinds["fp"], kinds["ternary"]
-        spread = f" ± {ternary['std']:.1f} (n={ternary['n']})" if ternary["n"] > 1 else ""
-        paper = PAPER[cell]
+        fp, ternary, paper = kinds["fp"], kinds["ternary"], PAPER[cell]
+        rounded = ternary["rounded"]
         lines.append(
-            f"| {cell.upper()} | {fp['mean']:.1f} | {ternary['mean']:.1f}{spread} | "
+            f"| {cell.upper()} | {fp['mean']:.1f} | {ternary['mean']:.1f} ± {ternary['std']:.1f} "
+            f"| {rounded['mean']:.1f} ± {rounded['std']:.1f} | "
             f"{ternary['mean'] - fp['mean']:+.1f} | {paper['fp']} | {paper['ternary']} | "
             f"{paper['previous_ternary']:g} |"
         )
-    note = f"\nTernary models: weights TTQ, activations BTQ; evaluation BTQ {btq_eval}" + (
-        ", mean ± standard deviation over the evaluation seeds."
-        if btq_eval == "stochastic"
-        else "."
+    lines += [
+        "",
+        "| ternary model | training seed | test PPW, BTQ drawn (mean ± std over eval seeds) "
+        "| test PPW, BTQ rounded | paper ternary |",
+        "|---|---|---|---|---|",
+    ]
+    for cell, kinds in results.items():
+        ternary = kinds["ternary"]
+        for seed, value in ternary["seeds"].items():
+            lines.append(
+                f"| {cell.upper()} | {seed} | {value:.2f} ± {ternary['eval_std'][seed]:.2f} "
+                f"| {ternary['rounded']['seeds'][seed]:.2f} | {PAPER[cell]['ternary']} |"
+            )
+    some = next(iter(results.values()))["ternary"]
+    note = (
+        '\nTernary models: TTQ weights, BTQ activations. "ternary (ours)": mean ± std over '
+        f"{len(some['seeds'])} training seeds of each model's test PPW with BTQ drawn at "
+        f'evaluation, itself the mean over {some["eval_seeds"]} evaluation seeds; "BTQ '
+        'rounded": the same models with BTQ rounded to the nearest level.\n'
     )
-    return "\n".join(lines) + "\n" + note + "\n"
+    return "\n".join(lines) + "\n" + note
 
 
-def plot(
-    histories: dict[str, dict[str, list[dict[str, float]]]], results: dict, path: Path
-) -> None:
+def plot(histories: dict[str, dict[str, Any]], results: dict[str, Any], path: Path) -> None:
+    """Per cell, validation perplexity per epoch (FP, then every training seed's ternary
+    model continuing from it); last, test perplexities (mean ± std over seeds) and the paper's."""
     cells = list(histories)
     figure, axes = plt.subplots(1, len(cells) + 1, figsize=(5 * (len(cells) + 1), 4.2))
     for axis, cell in zip(axes, cells, strict=False):
-        # The ternary model continues from the FP checkpoint: draw it after the FP epochs.
-        offset = {"fp": 0, "ternary": len(histories[cell]["fp"])}
-        for kind, style in zip(KINDS, ("-", "--"), strict=True):
-            rows = histories[cell][kind]
+        fp_rows = histories[cell]["fp"]
+        axis.plot(
+            [r["epoch"] for r in fp_rows],
+            [r["val_ppl"] for r in fp_rows],
+            marker=".",
+            label="fp (ours)",
+        )
+        for seed, rows in histories[cell]["ternary"].items():
             axis.plot(
-                [offset[kind] + r["epoch"] for r in rows],
+                [len(fp_rows) + r["epoch"] for r in rows],  # the ternary model continues FP
                 [r["val_ppl"] for r in rows],
-                style,
-                marker=".",
-                label=f"{kind} (ours)",
+                "--",
+                linewidth=1,
+                label=f"ternary (ours), seed {seed}",
             )
         for kind, color in (("fp", "grey"), ("ternary", "black")):
             axis.axhline(
@@ -130,17 +163,20 @@ def plot(
             ylabel="perplexity",
             yscale="log",
         )
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7)
     bars = axes[-1]
-    labels, ours, paper = [], [], []
-    for cell in cells:
-        for kind in KINDS:
-            labels.append(f"{cell} {kind}")
-            ours.append(results[cell][kind]["mean"])
-            paper.append(PAPER[cell][kind])
+    labels = [f"{cell} {kind}" for cell in cells for kind in KINDS]
+    ours = [results[cell][kind] for cell in cells for kind in KINDS]
     positions = range(len(labels))
-    drawn = bars.bar([p - 0.2 for p in positions], ours, width=0.4, label="ours")
+    drawn = bars.bar(
+        [p - 0.2 for p in positions],
+        [value["mean"] for value in ours],
+        yerr=[value["std"] for value in ours],
+        width=0.4,
+        label="ours (mean ± std over seeds)",
+    )
     bars.bar_label(drawn, fmt="%.1f", fontsize=7)
+    paper = [PAPER[cell][kind] for cell in cells for kind in KINDS]
     bars.bar([p + 0.2 for p in positions], paper, width=0.4, label="paper")
     bars.set_xticks(list(positions), labels, rotation=20)
     bars.set(title="test perplexity (lower is better)", ylabel="perplexity")
@@ -151,40 +187,48 @@ def plot(
 
 
 def evaluate_models(params: Params, runs_dir: Path, data_dir: Path) -> tuple[dict, dict]:
-    """(test perplexity summaries, validation histories), by cell then kind."""
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    histories: dict[str, dict[str, list[dict[str, float]]]] = {}
+    """(test perplexities, validation histories) by cell, then kind; ternary per seed."""
+    results: dict[str, dict[str, Any]] = {}
+    histories: dict[str, dict[str, Any]] = {}
     for cell in params.cells:
-        results[cell], histories[cell] = {}, {}
-        for kind in KINDS:
-            model_dir = Path(runs_dir) / kind / cell
-            print(f"report: testing {kind} {cell}", flush=True)
-            recipe = params.recipe(kind, cell)
-            perplexities = test_perplexities(
-                model_dir / "model.ckpt", params, data_dir, recipe.limit_eval_batches
+        fp_dir = model_dir("fp", cell, runs=runs_dir)
+        print(f"report: testing fp {cell}", flush=True)
+        limit = params.recipe("fp", cell).limit_eval_batches
+        (fp_ppl,) = test_perplexities(fp_dir / "model.ckpt", params, data_dir, limit)
+        drawn, drawn_std, rounded, curves = {}, {}, {}, {}
+        limit = params.recipe("ternary", cell).limit_eval_batches
+        for seed in params.training_seeds:
+            folder = model_dir("ternary", cell, seed, runs_dir)
+            print(f"report: testing ternary {cell}, training seed {seed}", flush=True)
+            checkpoint = folder / "model.ckpt"
+            draws = test_perplexities(checkpoint, params, data_dir, limit, "stochastic")
+            drawn[seed] = statistics.fmean(draws)
+            drawn_std[str(seed)] = round(statistics.stdev(draws) if len(draws) > 1 else 0.0, 3)
+            (rounded[seed],) = test_perplexities(
+                checkpoint, params, data_dir, limit, "deterministic"
             )
-            results[cell][kind] = summarize(perplexities)
-            histories[cell][kind] = read_history(model_dir / "history.csv")
+            curves[seed] = read_history(folder / "history.csv")
+        results[cell] = {
+            "fp": over_seeds({params.seed: fp_ppl}),
+            "ternary": {
+                **over_seeds(drawn),
+                "eval_std": drawn_std,
+                "eval_seeds": len(params.report.eval_seeds),
+                "rounded": over_seeds(rounded),
+            },
+        }
+        histories[cell] = {"fp": read_history(fp_dir / "history.csv"), "ternary": curves}
     return results, histories
 
 
 def report(params: Params, runs_dir: Path, data_dir: Path, out_dir: Path) -> dict:
-    used = params.model_dump(include={"cells", "report", "hardware"})
+    used = params.model_dump(include={"cells", "training_seeds", "report", "hardware"})
     with stage_run(params.tracking, "report", used) as run:
         results, histories = evaluate_models(params, runs_dir, data_dir)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = {
-            f"{cell}_{kind}_test_ppl": round(value["mean"], 3)
-            for cell, kinds in results.items()
-            for kind, value in kinds.items()
-        }
-        metrics |= {
-            f"{cell}_ternary_test_ppl_std": round(kinds["ternary"]["std"], 3)
-            for cell, kinds in results.items()
-        }
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", "utf-8")
-        table = markdown_table(results, params.report.evaluation_mode(params.quant))
+        (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n", "utf-8")
+        table = markdown_table(results)
         (out_dir / "README.md").write_text(
             "# HitNet on PTB: test perplexity per word\n\n"
             + table
@@ -192,11 +236,24 @@ def report(params: Params, runs_dir: Path, data_dir: Path, out_dir: Path) -> dic
             encoding="utf-8",
         )
         plot(histories, results, out_dir / "curves.png")
-        run.log_metrics(metrics, step=0)
+        run.log_metrics(flat_metrics(results), step=0)
         for name in ("README.md", "metrics.json", "curves.png"):
             run.log_artifact(out_dir / name, "report")
     print(table, flush=True)
-    return metrics
+    return results
+
+
+def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """MLflow's metric names for the report's figures, e.g. ``lstm_ternary_test_ppl_seed1``."""
+    flat = {}
+    for cell, kinds in results.items():
+        for kind, value in kinds.items():
+            prefix = f"{cell}_{kind}_test_ppl"
+            flat |= {prefix: value["mean"], f"{prefix}_std": value["std"]}
+            flat |= {f"{prefix}_seed{seed}": v for seed, v in value["seeds"].items()}
+            if "rounded" in value:
+                flat[f"{prefix}_rounded"] = value["rounded"]["mean"]
+    return flat
 
 
 def main(argv: list[str] | None = None) -> None:

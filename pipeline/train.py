@@ -34,8 +34,16 @@ from pipeline.tracking import stage_run
 Kind = Literal["fp", "ternary"]
 
 
-def stage_name(kind: Kind, cell: CellType) -> str:
-    return f"train_{kind}@{cell}"
+def stage_name(kind: Kind, cell: CellType, seed: int | None = None) -> str:
+    """DVC's name of the stage: ``train_fp@lstm``, or per training seed ``train_ternary@lstm-1``."""
+    return f"train_{kind}@{cell}" + ("" if seed is None else f"-{seed}")
+
+
+def model_dir(
+    kind: Kind, cell: CellType, seed: int | None = None, runs: Path = Path("runs")
+) -> Path:
+    """Where a stage writes its model: ``runs/fp/lstm``, or ``runs/ternary/lstm/seed1``."""
+    return Path(runs) / kind / cell / ("" if seed is None else f"seed{seed}")
 
 
 def used_params(params: Params, kind: Kind) -> dict:
@@ -74,6 +82,7 @@ def build_task(params: Params, cell: CellType, kind: Kind, vocab_size: int) -> L
         lr_decay=recipe.lr_decay,
         lr_patience=recipe.lr_patience,
         lr_threshold=recipe.lr_threshold,
+        lr_milestones=recipe.lr_milestones,
         eval_seed=params.seed,
         distill_weight=recipe.distill_weight,
         distill_temperature=recipe.distill_temperature,
@@ -129,9 +138,14 @@ def train(
     out_dir: Path,
     init_from: Path | None = None,
     work_root: Path = Path("checkpoints"),
+    seed: int | None = None,
 ) -> dict[str, float]:
-    """Trains (or resumes) one model, tests its best checkpoint, writes ``out_dir``."""
-    name = stage_name(kind, cell)
+    """Trains (or resumes) one model, tests its best checkpoint, writes ``out_dir``.
+
+    ``seed``, when given, replaces ``params.seed``: one of ``training_seeds``."""
+    if seed is not None:
+        params = params.model_copy(update={"seed": seed})
+    name = stage_name(kind, cell, seed)
     if init_from is not None and not Path(init_from).is_file():
         raise FileNotFoundError(f"--init {init_from}: no full-precision checkpoint there")
     if init_from is None and params.recipe(kind, cell).distill_weight > 0:
@@ -161,6 +175,7 @@ def train(
             init_from=init_from,
             resuming=resuming,
             log_metrics=run.log_metrics,
+            name=name,
         )
         # Every epoch of the CSV once more: what a server outage kept from MLflow goes there
         # now (the steps it already has are skipped).
@@ -187,6 +202,7 @@ def _fit_and_test(
     init_from: Path | None,
     resuming: bool,
     log_metrics: Callable[[dict[str, float], int], None],
+    name: str,
 ) -> dict[str, float]:
     """Fits from scratch, from ``init_from`` or, resuming, from ``work_dir/last.ckpt``;
     writes out_dir."""
@@ -198,7 +214,7 @@ def _fit_and_test(
         start_from_fp(task, init_from, load_weights=not resuming)
     compile_as_configured(task, params.hardware)
 
-    history = EpochHistory(out_dir / "history.csv", stage_name(kind, cell), log_metrics)
+    history = EpochHistory(out_dir / "history.csv", name, log_metrics)
     best = ModelCheckpoint(
         dirpath=work_dir, filename="best", monitor="val_ppl", mode="min", save_last=True
     )
@@ -235,15 +251,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("cell", choices=["lstm", "gru"])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=Path("data/ptb"))
-    parser.add_argument("--out", type=Path, help="default: runs/<kind>/<cell>")
+    parser.add_argument(
+        "--seed", type=int, help="training seed (default: params.yaml's seed); one model each"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="default: runs/<kind>/<cell>, or runs/<kind>/<cell>/seed<N>"
+    )
     parser.add_argument("--init", type=Path, help="full-precision model.ckpt to start from")
     parser.add_argument("--best", type=Path, help="a sweep's best.json: its values win")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.best is not None:
         params = params.with_searched(json.loads(args.best.read_text(encoding="utf-8")))
-    out = args.out or Path("runs") / args.kind / args.cell
-    train(params, args.cell, args.kind, args.data, out, init_from=args.init)
+    out = args.out or model_dir(args.kind, args.cell, args.seed)
+    train(params, args.cell, args.kind, args.data, out, init_from=args.init, seed=args.seed)
 
 
 if __name__ == "__main__":

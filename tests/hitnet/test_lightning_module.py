@@ -75,7 +75,7 @@ def test_test_perplexity_is_exp_of_mean_nll_over_all_tokens(small_ptb):
 def test_lr_is_divided_by_four_when_validation_perplexity_does_not_improve():
     task = _task(20, lr=20.0)
     optimizer = task.configure_optimizers()
-    scheduler = task.plateau
+    scheduler = task.lr_schedule
     lrs = []
     for val_ppl in [100.0, 90.0, 90.0, 80.0, 85.0]:
         scheduler.step(val_ppl)
@@ -90,9 +90,20 @@ def test_lr_threshold_counts_small_improvements_as_a_plateau():
     # 99.5 and 99.2 beat 100 by less than 1%: two epochs without improvement -> lr / 4;
     # 95 is 4% better, so the count starts again
     for val_ppl in [100.0, 99.5, 99.2, 95.0, 94.5]:
-        task.plateau.step(val_ppl)
+        task.lr_schedule.step(val_ppl)
         lrs.append(optimizer.param_groups[0]["lr"])
     assert lrs == [20.0, 20.0, 5.0, 5.0, 5.0]
+
+
+def test_lr_milestones_cut_the_lr_after_those_epochs_whatever_validation_says():
+    task = _task(20, lr=20.0, lr_milestones=[2, 4])
+    optimizer = task.configure_optimizers()
+    lrs = []
+    for _ in range(5):  # stepped after each epoch's validation, whatever it measured
+        task.lr_schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    # the lr of epochs 2..6: epoch 2 still trains at 20, epoch 3 at 20 / 4
+    assert lrs == [20.0, 5.0, 5.0, 1.25, 1.25]
 
 
 def test_bad_optimisation_settings_are_rejected():
@@ -102,6 +113,9 @@ def test_bad_optimisation_settings_are_rejected():
         _task(20, lr_decay=4.0)
     with pytest.raises(ValueError, match="0 <= lr_threshold < 1"):
         _task(20, lr_threshold=1.0)
+    for milestones in ([], [0, 3], [3, 2], [2, 2]):
+        with pytest.raises(ValueError, match="lr_milestones must be increasing"):
+            _task(20, lr_milestones=milestones)
     with pytest.raises(ValueError, match="0 <= distill_weight <= 1"):
         _task(20, distill_weight=1.5)
     with pytest.raises(ValueError, match="distill_weight > 0"):
@@ -199,7 +213,7 @@ def test_averaging_validates_and_saves_the_mean_of_every_step_from_its_epoch(sma
         assert torch.equal(saved["hitnet_average"]["training"][name], trained)
         assert torch.equal(dict(task.model.named_parameters())[name], trained)  # swapped back
     assert not torch.allclose(saved["state_dict"]["model.decoder.weight"], last["decoder.weight"])
-    assert task.plateau.last_epoch == 1  # stepped after epoch 1 only: averaged SGD keeps its lr
+    assert task.lr_schedule.last_epoch == 1  # stepped after epoch 1 only: averaged SGD keeps its lr
     # A checkpoint taken while the mean is swapped in holds the same model and training weights.
     assert during.saw_mean_applied
     also = torch.load(tmp_path / "during-validation.ckpt", weights_only=True)
@@ -276,18 +290,30 @@ class _RecordLosses(Callback):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("quant", "distill_weight", "average_from_epoch", "activation_warmup_steps"),
+    ("quant", "distill_weight", "average_from_epoch", "activation_warmup_steps", "milestones"),
     [
-        (FULL_PRECISION, 0.0, None, 0),
-        (TERNARY, 0.0, None, 0),
-        (TERNARY, 0.5, None, 0),
-        (TERNARY, 0.0, 2, 0),
-        (TERNARY, 0.0, None, 15),  # the resumed epoch (steps 12-17) ends the ramp
+        (FULL_PRECISION, 0.0, None, 0, None),
+        (TERNARY, 0.0, None, 0, None),
+        (TERNARY, 0.5, None, 0, [2]),  # the resumed epoch trains at the cut lr
+        (TERNARY, 0.0, 2, 0, None),
+        (TERNARY, 0.0, None, 15, None),  # the resumed epoch (steps 12-17) ends the ramp
     ],
-    ids=["fp", "ternary", "ternary-distilled", "ternary-averaged", "ternary-warmup"],
+    ids=[
+        "fp",
+        "ternary",
+        "ternary-distilled-milestones",
+        "ternary-averaged",
+        "ternary-warmup",
+    ],
 )
 def test_checkpoint_round_trip_resumes_exactly(
-    small_ptb, tmp_path, quant, distill_weight, average_from_epoch, activation_warmup_steps
+    small_ptb,
+    tmp_path,
+    quant,
+    distill_weight,
+    average_from_epoch,
+    activation_warmup_steps,
+    milestones,
 ):
     limits = {"limit_train_batches": 6, "limit_val_batches": 3}
     config = ModelConfig(
@@ -303,6 +329,7 @@ def test_checkpoint_round_trip_resumes_exactly(
             distill_weight=distill_weight,
             average_from_epoch=average_from_epoch,
             activation_warmup_steps=activation_warmup_steps,
+            lr_milestones=milestones,
         )
         if distill_weight:
             task.set_teacher(teacher)
@@ -326,7 +353,7 @@ def test_checkpoint_round_trip_resumes_exactly(
     first.fit(task(), small_ptb)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     if average_from_epoch is None:
-        assert saved["hitnet_plateau"]["last_epoch"] == 2  # both epochs' lr steps are in it
+        assert saved["hitnet_lr_schedule"]["last_epoch"] == 2  # both epochs' lr steps are in it
 
     pl.seed_everything(123)  # a different process would not share the first run's RNG
     resumed = _RecordLosses()
@@ -340,8 +367,8 @@ def test_checkpoint_round_trip_resumes_exactly(
     assert [epoch for epoch, _ in resumed.losses] == [2] * len(expected)
     assert [loss for _, loss in resumed.losses] == pytest.approx(expected, rel=1e-6, abs=1e-6)
     assert second.current_epoch == 3
-    assert resumed_task.plateau.last_epoch == straight_task.plateau.last_epoch
-    assert resumed_task.plateau.last_epoch == (3 if average_from_epoch is None else 1)
+    assert resumed_task.lr_schedule.last_epoch == straight_task.lr_schedule.last_epoch
+    assert resumed_task.lr_schedule.last_epoch == (3 if average_from_epoch is None else 1)
     # the last validation (of the averaged weights, when averaging) matches too
     assert second.callback_metrics["val_ppl"].item() == pytest.approx(
         straight.callback_metrics["val_ppl"].item(), rel=1e-6

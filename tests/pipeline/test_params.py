@@ -48,9 +48,9 @@ def test_repo_params_give_the_classic_recipe() -> None:
     assert params.quant.slope_gradient == "unit"
     assert params.quant.weight == "ttq"
     assert params.quant.activation == "btq"
-    # Validation rounds BTQ; the report draws it over several seeds (search9.md).
+    # Validation rounds BTQ (search9.md); the report tests both ways, over training seeds.
     assert params.quant.btq_eval == "deterministic"
-    assert params.report.evaluation_mode(params.quant) == "stochastic"
+    assert len(params.training_seeds) >= 3 and len(params.report.eval_seeds) >= 3
 
 
 def test_repo_params_parse_from_the_raw_dict(repo_raw: dict[str, Any]) -> None:
@@ -115,10 +115,10 @@ BAD_VALUES = [
         id="lr-threshold-not-a-fraction",
     ),
     pytest.param(
-        {"report": {"btq_eval": "rounded"}},
-        "report.btq_eval",
+        {"quant": {"btq_eval": "rounded"}},
+        "quant.btq_eval",
         "'stochastic' or 'deterministic'",
-        id="unknown-report-btq-eval",
+        id="unknown-btq-eval",
     ),
     pytest.param(
         {"report": {"eval_seeds": []}},
@@ -191,6 +191,22 @@ BAD_VALUES = [
         "train_ternary.per_cell.gru.average_from_epoch",
         "after the gru's last epoch (110)",
         id="one-cells-averaging-after-its-last-epoch",
+    ),
+    pytest.param(
+        {"train_ternary": {"epochs": 30, "lr_milestones": [10, 30]}},
+        "train_ternary.lr_milestones",
+        "before the lstm's last (30)",
+        id="milestone-at-the-last-epoch",
+    ),
+    pytest.param(
+        {"train_ternary": {"per_cell": {"gru": {"lr_milestones": [20, 10]}}}},
+        "train_ternary.per_cell.gru.lr_milestones",
+        "must be increasing",
+        id="one-cells-milestones-out-of-order",
+    ),
+    pytest.param({"training_seeds": []}, "training_seeds", "at least 1", id="no-training-seed"),
+    pytest.param(
+        {"training_seeds": [0, 1, 0]}, "training_seeds", "distinct", id="repeated-training-seed"
     ),
 ]
 
