@@ -1,13 +1,15 @@
-# make repro: the whole pipeline.  make test: lint + the test suite.  Both set up .venv first.
+# make repro: the whole pipeline.  make quick: it at smoke size on a CPU, in minutes.
+# make test: lint + the test suite.  All set up .venv first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup test lint format repro bench clean
+.PHONY: help setup test lint format repro quick bench clean
 
 help:
 	@echo "make repro   run the pipeline (creates .venv on first use)"
+	@echo "make quick   the whole pipeline at smoke size in quick/ (minutes on a CPU)"
 	@echo "make test    ruff + the whole test suite, slow end-to-end tests included"
 	@echo "make lint    ruff check and format check"
 	@echo "make bench   training-step time table (bench/step_time.py)"
@@ -39,8 +41,11 @@ test: lint
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+quick: $(STAMP)
+	$(BIN)/python -m pipeline.quick
+
 bench: $(STAMP)
 	$(BIN)/python bench/step_time.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis quick

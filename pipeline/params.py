@@ -212,12 +212,19 @@ class TuneParams(Section):
     grace_period: PositiveInt = 1
     max_concurrent: PositiveInt = 4
     cpus_per_trial: PositiveFloat = 1.0
-    gpus_per_trial: Annotated[float, Field(ge=0)] = 0.0  # fractions share a GPU
+    # GPUs per trial; fractions share a GPU. auto: max_concurrent trials share one GPU when
+    # the Ray cluster has a GPU, else none
+    gpus_per_trial: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
     max_failures: NonNegativeInt = 2
     limit_train_batches: PositiveInt | None = None
     limit_eval_batches: PositiveInt | None = None
     storage: str = "ray_results"  # on a cluster: a path every node sees
     fail_at_epoch: PositiveInt | None = None  # tests only: each trial raises once there
+
+    def trial_gpus(self, cluster_has_gpu: bool) -> float:
+        if self.gpus_per_trial == "auto":
+            return 1.0 / self.max_concurrent if cluster_has_gpu else 0.0
+        return self.gpus_per_trial
 
     @model_validator(mode="after")
     def _ranges_are_ordered(self) -> TuneParams:

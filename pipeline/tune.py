@@ -161,6 +161,7 @@ def connect_ray() -> None:
 
 
 def build_tuner(params: Params, cell: CellType, data_dir: Path, fp_checkpoint: Path, name: str):
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -175,7 +176,10 @@ def build_tuner(params: Params, cell: CellType, data_dir: Path, fp_checkpoint: P
             data_dir=str(Path(data_dir).resolve()),
             fp_checkpoint=str(Path(fp_checkpoint).resolve()),
         ),
-        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+        {
+            "cpu": settings.cpus_per_trial,
+            "gpu": settings.trial_gpus(ray.cluster_resources().get("GPU", 0) > 0),
+        },
     )
     storage = str(Path(settings.storage).resolve())
     experiment = Path(storage) / name
@@ -206,7 +210,7 @@ def build_tuner(params: Params, cell: CellType, data_dir: Path, fp_checkpoint: P
     )
 
 
-def _trial_rows(results: Any) -> list[dict[str, Any]]:
+def _trial_rows(results: Any, configured: dict[str, float] | None) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         history = result.metrics_dataframe
@@ -219,28 +223,44 @@ def _trial_rows(results: Any) -> list[dict[str, Any]]:
                 "epochs": len(val),
                 "val_ppl_history": val,
                 "error": "" if result.error is None else type(result.error).__name__,
+                "configured": configured is not None
+                and all(result.config.get(key) == value for key, value in configured.items()),
             }
         )
     return sorted(rows, key=lambda row: row["trial_id"])
 
 
-def _write_outputs(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+def choose(rows: list[dict[str, Any]], horizon: int) -> dict[str, Any]:
+    """best.json: the best trial of those that ran the whole horizon (ASHA stops the others
+    early, so their val is not comparable), and whether it is the configured setting (the
+    first trial, ``configured``) or one the sweep found. The configured setting keeps its
+    place unless a trial beats it at the horizon."""
     finished = [row for row in rows if row["epochs"] > 0]
     if not finished:
         raise RuntimeError("tune: no trial reported a val_ppl; see the Ray logs above")
-    best = min(finished, key=lambda row: row["best_val_ppl"])
-    best_json = {key: round(best[key], 6) for key in SEARCHED if key in best}
-    best_json["val_ppl"] = round(best["best_val_ppl"], 4)  # no trial id: it is random
+    full = [row for row in finished if row["epochs"] >= horizon] or finished
+    best = min(full, key=lambda row: (row["best_val_ppl"], not row["configured"]))
+    configured = [row for row in finished if row["configured"]]
+    chosen: dict[str, Any] = {key: round(best[key], 6) for key in SEARCHED if key in best}
+    chosen["val_ppl"] = round(best["best_val_ppl"], 4)  # no trial id: it is random
+    chosen["winner"] = "configured" if best["configured"] else "sweep"
+    chosen["configured_val_ppl"] = round(configured[0]["best_val_ppl"], 4) if configured else None
+    return chosen
+
+
+def _write_outputs(rows: list[dict[str, Any]], out_dir: Path, horizon: int) -> dict[str, Any]:
+    best_json = choose(rows, horizon)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "best.json").write_text(json.dumps(best_json, indent=2, sort_keys=True) + "\n")
-    columns = ["trial_id", *[k for k in SEARCHED if k in best], "best_val_ppl", "epochs", "error"]
+    searched = [key for key in SEARCHED if key in best_json]
+    columns = ["trial_id", *searched, "configured", "best_val_ppl", "epochs", "error"]
     lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in rows]
     (out_dir / "trials.csv").write_text("\n".join(lines) + "\n")
-    searched = [key for key in SEARCHED if key in best]
+    finished = [row for row in rows if row["epochs"] > 0]
     figure, axes = plt.subplots(1, len(searched), figsize=(4.5 * len(searched), 4))
     for axis, key in zip(axes, searched, strict=True):
         axis.scatter([r[key] for r in finished], [r["best_val_ppl"] for r in finished])
-        axis.scatter([best[key]], [best["best_val_ppl"]], color="red", label="best")
+        axis.scatter([best_json[key]], [best_json["val_ppl"]], color="red", label="chosen")
         axis.set(xlabel=key, ylabel="best val_ppl", yscale="log")
         if key in LOG_UNIFORM:
             axis.set_xscale("log")
@@ -269,8 +289,8 @@ def sweep(
             results = build_tuner(params, cell, data_dir, fp_checkpoint, name).fit()
         finally:
             ray.shutdown()
-        rows = _trial_rows(results)
-        best = _write_outputs(rows, Path(out_dir))
+        rows = _trial_rows(results, starting_point(params, cell))
+        best = _write_outputs(rows, Path(out_dir), params.tune.epochs)
         if isinstance(parent, StageRun):
             _log_trials(params, cell, parent.run_id, rows)
             parent.log_metrics({"best_val_ppl": best["val_ppl"]}, step=0)

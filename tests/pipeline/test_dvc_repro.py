@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.pipeline.conftest import STAGES, run_tool, tool_env
+from tests.pipeline.conftest import SMOKE_SEEDS, STAGES, run_tool, tool_env
 
 TRAINING = [stage for stage in STAGES if stage.startswith("train")]
 
@@ -38,13 +38,17 @@ def test_dvc_repro_runs_every_stage_records_everything_and_is_then_a_no_op(smoke
 
     shown = json.loads(run_tool(project, "dvc", "metrics", "show", "--json").stdout)
     metrics = next(iter(shown.values()))["data"]
-    for kind in ("fp", "ternary"):
-        for cell in ("lstm", "gru"):
-            values = metrics[f"runs/{kind}/{cell}/metrics.json"]["data"]
-            for key in ("train_ppl", "val_ppl", "test_ppl"):
-                assert math.isfinite(values[key]) and values[key] > 1, (kind, cell, key)
+    model_dirs = [f"runs/fp/{cell}" for cell in ("lstm", "gru")]
+    model_dirs += [f"runs/ternary/{c}/seed{s}" for c in ("lstm", "gru") for s in SMOKE_SEEDS]
+    for folder in model_dirs:
+        values = metrics[f"{folder}/metrics.json"]["data"]
+        for key in ("train_ppl", "val_ppl", "test_ppl"):
+            assert math.isfinite(values[key]) and values[key] > 1, (folder, key)
     report_metrics = metrics["report/metrics.json"]["data"]
-    assert set(report_metrics) >= {"lstm_fp_test_ppl", "gru_ternary_test_ppl_std"}
+    for cell in ("lstm", "gru"):
+        ternary = report_metrics[cell]["ternary"]
+        assert sorted(ternary["seeds"]) == [str(seed) for seed in SMOKE_SEEDS]
+        assert math.isfinite(ternary["mean"]) and math.isfinite(ternary["std"])
 
     report = (project / "report" / "README.md").read_text()
     assert "| LSTM |" in report and "| GRU |" in report and "110.3" in report
@@ -65,7 +69,9 @@ def test_dvc_repro_runs_every_stage_records_everything_and_is_then_a_no_op(smoke
         assert {"model.ckpt", "metrics.json", "history.csv"} <= artifacts
     for cell in ("lstm", "gru"):
         best = json.loads((project / "runs" / "tune" / cell / "best.json").read_text())
-        assert set(best) == {"lambda_sigma", "lambda_tanh", "ttq_threshold", "val_ppl"}
+        searched = {"lambda_sigma", "lambda_tanh", "ttq_threshold", "lr", "dropout"}
+        assert set(best) == searched | {"val_ppl", "winner", "configured_val_ppl"}
+        assert best["winner"] in ("configured", "sweep")
         trials = (project / "runs" / "tune" / cell / "trials.csv").read_text().splitlines()
         assert len(trials) == 1 + 2  # header + num_samples
         (parent,) = [r for r in runs[f"tune@{cell}"] if "mlflow.parentRunId" not in r.data.tags]
@@ -73,14 +79,16 @@ def test_dvc_repro_runs_every_stage_records_everything_and_is_then_a_no_op(smoke
         assert len(nested) == 2
         for trial in nested:
             assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
-            assert set(trial.data.params) == {"lambda_sigma", "lambda_tanh", "ttq_threshold"}
+            assert set(trial.data.params) == searched
             steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_ppl")]
             assert steps and steps == list(range(1, len(steps) + 1))
         parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
         assert {"best.json", "trials.csv", "sweep.png"} <= parent_artifacts
-        # the ternary model used the sweep's best values
-        (ternary,) = runs[f"train_ternary@{cell}"]
-        assert float(ternary.data.params["quant.lambda_sigma"]) == best["lambda_sigma"]
+        # every seed's ternary model used the sweep's best values
+        for seed in SMOKE_SEEDS:
+            (ternary,) = runs[f"train_ternary@{cell}-{seed}"]
+            assert float(ternary.data.params["quant.lambda_sigma"]) == best["lambda_sigma"]
+            assert ternary.data.params["seed"] == str(seed)
     (report_run,) = runs["report"]
     assert {a.path for a in client.list_artifacts(report_run.info.run_id, "report")} >= {
         "report/README.md",

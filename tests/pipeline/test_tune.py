@@ -15,7 +15,7 @@ import pytest
 from ray import tune
 
 from pipeline.params import Params, ParamsError, parse_params
-from pipeline.tune import search_space, starting_point, trial_params
+from pipeline.tune import choose, search_space, starting_point, trial_params
 from tests.pipeline.conftest import make_smoke_project, run_tool, tool_env, write_params
 from tests.pipeline.services import free_port
 
@@ -87,6 +87,43 @@ def test_a_trials_values_win_over_the_cells_own_quant_values():
     assert (model.lambda_sigma, model.lambda_tanh, model.quant.ttq_threshold) == (0.8, 3.0, 0.9)
 
 
+def _row(val: float, epochs: int, configured: bool = False, sigma: float = 1.0) -> dict:
+    return {
+        "lambda_sigma": sigma,
+        "lambda_tanh": 1.0,
+        "ttq_threshold": 0.5,
+        "best_val_ppl": val,
+        "epochs": epochs,
+        "configured": configured,
+    }
+
+
+def test_the_configured_setting_keeps_its_place_unless_a_trial_beats_it_at_the_horizon():
+    configured = _row(120.0, epochs=4, configured=True, sigma=2.0)
+    worse, stopped_early = _row(125.0, epochs=4, sigma=0.7), _row(118.0, epochs=1, sigma=3.0)
+    kept = choose([configured, worse, stopped_early], horizon=4)
+    # the early-stopped trial's val is of another epoch: not comparable
+    assert kept["winner"] == "configured" and kept["lambda_sigma"] == 2.0
+    assert kept["val_ppl"] == kept["configured_val_ppl"] == 120.0
+    found = choose([configured, _row(119.5, epochs=4, sigma=1.5)], horizon=4)
+    assert (found["winner"], found["lambda_sigma"], found["val_ppl"]) == ("sweep", 1.5, 119.5)
+    assert found["configured_val_ppl"] == 120.0
+    tie = choose([_row(120.0, epochs=4, sigma=1.5), configured], horizon=4)
+    assert tie["winner"] == "configured"  # a trial must beat it, not equal it
+    no_first_trial = choose([worse], horizon=4)
+    assert no_first_trial["winner"] == "sweep" and no_first_trial["configured_val_ppl"] is None
+    with pytest.raises(RuntimeError, match="no trial reported"):
+        choose([_row(float("nan"), epochs=0)], horizon=4)
+
+
+def test_trials_share_a_gpu_by_default_when_the_cluster_has_one():
+    auto = Params.model_validate({"tune": {"max_concurrent": 8}}).tune
+    assert auto.gpus_per_trial == "auto"
+    assert (auto.trial_gpus(cluster_has_gpu=True), auto.trial_gpus(False)) == (0.125, 0.0)
+    fixed = Params.model_validate({"tune": {"gpus_per_trial": 0.5}}).tune
+    assert (fixed.trial_gpus(True), fixed.trial_gpus(False)) == (0.5, 0.5)
+
+
 @pytest.mark.parametrize(
     ("tune_params", "message"),
     [
@@ -95,6 +132,7 @@ def test_a_trials_values_win_over_the_cells_own_quant_values():
         ({"lambda_tanh": [-1.0, 2.0]}, "tune.lambda_tanh"),
         ({"grace_period": 5, "epochs": 2}, "tune.grace_period must be <= tune.epochs"),
         ({"gpus_per_trial": -0.5}, "tune.gpus_per_trial"),
+        ({"gpus_per_trial": "all"}, "tune.gpus_per_trial"),
         ({"dropout": [0.2, 1.0]}, "tune.dropout"),
         ({"dropout": [0.5, 0.2]}, "tune.dropout must be [low, high] with low < high"),
     ],
