@@ -36,6 +36,12 @@ class EpochHistory(Checkpoint):
         self.rows: list[dict[str, float]] = []
         self._epoch_started = 0.0
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run resumed after its last epoch (killed while testing, say) trains no epoch:
+        # its restored rows must reach the CSV all the same (DVC deleted it before the rerun).
+        if self.rows:
+            self.write()
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.monotonic()
 

@@ -10,6 +10,7 @@ import yaml
 
 from hitnet.quantizers import QuantConfig
 from pipeline.params import HardwareParams, ParamsError, load_params, parse_params
+from pipeline.quick import QUICK_CHANGES
 from tests.conftest import REPO_ROOT
 from tests.pipeline.conftest import deep_update
 
@@ -41,6 +42,8 @@ def test_repo_params_give_the_classic_recipe() -> None:
     assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.25, 2, 66)
     assert (gru.lr, gru.dropout, gru.lr_patience, gru.epochs) == (2.0, 0.2, 4, 110)
     assert (lstm.average_from_epoch, gru.average_from_epoch) == (None, 90)
+    # the LSTM's lr cuts are fixed (search12.md); the GRU's plateau rule never cut
+    assert (lstm.lr_milestones, gru.lr_milestones) == ([35, 47, 58], None)
     assert (lstm.activation_warmup_steps, gru.activation_warmup_steps) == (0, 0)
     assert (lstm.distill_weight, lstm.distill_temperature) == (0.9, 1.0)
     assert (gru.distill_weight, gru.distill_temperature) == (0.9, 2.0)
@@ -193,9 +196,9 @@ BAD_VALUES = [
         id="one-cells-averaging-after-its-last-epoch",
     ),
     pytest.param(
-        {"train_ternary": {"epochs": 30, "lr_milestones": [10, 30]}},
+        {"train_ternary": {"lr_milestones": [10, 110]}},
         "train_ternary.lr_milestones",
-        "before the lstm's last (30)",
+        "before the gru's last (110)",
         id="milestone-at-the-last-epoch",
     ),
     pytest.param(
@@ -342,7 +345,9 @@ def test_per_cell_values_replace_the_shared_recipe_for_that_cell_only(
             "activation_warmup_steps": 300,
         }
     }
-    params = parse_params(deep_update(repo_raw, {"train_ternary": {"per_cell": per_cell}}))
+    raw = deep_update(repo_raw, {})
+    raw["train_ternary"]["per_cell"] = per_cell  # the GRU's entry alone
+    params = parse_params(raw)
     gru, lstm = params.recipe("ternary", "gru"), params.recipe("ternary", "lstm")
     assert (gru.lr, gru.dropout, gru.epochs, gru.average_from_epoch) == (2.0, 0.1, 7, 5)
     assert gru.activation_warmup_steps == 300
@@ -430,3 +435,12 @@ def test_hardware_gives_every_stages_trainer_the_same_arguments():
         "deterministic": None,
     }
     assert HardwareParams(deterministic=True).trainer_kwargs()["deterministic"] == "warn"
+
+
+def test_the_quick_look_changes_give_valid_params(repo_raw: dict[str, Any]) -> None:
+    changes = yaml.safe_load(QUICK_CHANGES.read_text(encoding="utf-8"))
+    params = parse_params(deep_update(repo_raw, changes), "pipeline/quick.yaml")
+    assert params.hardware.accelerator == "cpu" and params.data.max_tokens is not None
+    for cell in params.cells:  # every stage of the DAG at smoke size
+        assert params.recipe("fp", cell).epochs <= 2 and params.recipe("ternary", cell).epochs <= 2
+    assert params.training_seeds == load_params(REPO_PARAMS).training_seeds

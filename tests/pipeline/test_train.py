@@ -87,3 +87,35 @@ def test_hardware_deterministic_sets_torchs_deterministic_algorithms_for_the_sta
         assert torch.is_deterministic_algorithms_warn_only_enabled() is deterministic
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.slow
+def test_a_stage_killed_after_its_last_epoch_finishes_on_rerun_with_its_whole_history(
+    tmp_path: Path, ptb_dir, monkeypatch: pytest.MonkeyPatch
+):
+    """Fault: a kill during the test or export, after the last epoch's checkpoint, left a
+    run with no epoch to train, and the rerun (whose outs DVC deletes first) had no CSV."""
+    monkeypatch.chdir(tmp_path)
+    params = Params.model_validate(TINY)
+    out, work_root = tmp_path / "fp", tmp_path / "ck"
+
+    def killed(checkpoint: Path, destination: Path) -> None:
+        raise KeyboardInterrupt  # stands in for SIGKILL: nothing after it runs
+
+    monkeypatch.setattr("pipeline.train.export_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(params, "lstm", "fp", ptb_dir, out, work_root=work_root)
+    assert any(work_root.iterdir())  # the checkpoints of every epoch stay
+    for name in ("history.csv", "model.ckpt", "metrics.json"):
+        (out / name).unlink(missing_ok=True)  # as `dvc repro` removes a stage's outs
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+
+    metrics = train(params, "lstm", "fp", ptb_dir, out, work_root=work_root)
+    epochs = SMOKE["train_fp"]["epochs"]
+    assert metrics["epochs"] == epochs
+    assert [row.split(",")[0] for row in (out / "history.csv").read_text().splitlines()] == [
+        "epoch",
+        *map(str, range(1, epochs + 1)),
+    ]
+    assert (out / "model.ckpt").is_file() and not any(work_root.iterdir())
