@@ -37,9 +37,10 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-# The stages' commands run `python -m pipeline...`: the venv goes first on PATH.
+# dvc repro, with independent stages at once (pipeline/repro.py). The stages' commands run
+# `python -m pipeline...`: the venv goes first on PATH.
 repro: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline.repro
 
 quick: $(STAMP)
 	$(BIN)/python -m pipeline.quick

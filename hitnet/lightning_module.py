@@ -34,6 +34,12 @@ from hitnet.language_model import ModelConfig, RecurrentState, RNNLanguageModel,
 from hitnet.quantizers import set_activation_noise
 
 SPLIT_METRIC = {"train": "train_ppl", "val": "val_ppl", "test": "test_ppl"}
+# exp() of a mean NLL above this overflows float64: a diverged run, not a perplexity
+MAX_MEAN_NLL = 700.0
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite (or too large to exponentiate): the run diverged."""
 
 
 class LanguageModelTask(pl.LightningModule):
@@ -139,7 +145,15 @@ class LanguageModelTask(pl.LightningModule):
         return loss, logits
 
     def _log_perplexity(self, split: str) -> float:
-        ppl = math.exp(self._nll_sum.item() / max(self._token_count, 1))
+        """Logs the epoch's perplexity; raises ``TrainingDiverged`` for a NaN or overflowing
+        loss before anything (a checkpoint, a metric) records it."""
+        mean_nll = self._nll_sum.item() / max(self._token_count, 1)
+        if not math.isfinite(mean_nll) or mean_nll > MAX_MEAN_NLL:
+            raise TrainingDiverged(
+                f"training diverged: the {split} loss is {mean_nll:g} at epoch "
+                f"{self.current_epoch + 1} (lr {self.hparams.lr:g}); try a lower lr"
+            )
+        ppl = math.exp(mean_nll)
         self.log(SPLIT_METRIC[split], ppl, prog_bar=True)
         return ppl
 

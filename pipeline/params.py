@@ -37,8 +37,9 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
-    # strict: "300" or true is not silently taken for the number 300 or 1
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # strict: "300" or true is not silently taken for the number 300 or 1; .inf and .nan are
+    # not numbers a run can use
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class CellSpecific(Section):
@@ -358,6 +359,23 @@ def _recipe_key(kind: str, recipe: TrainParams, cell: CellType, name: str) -> st
     return f"train_{kind}.{f'per_cell.{cell}.' if own else ''}{name}"
 
 
+class SearchedSetting(Section):
+    """A sweep's ``best.json``: the searched values it chose (lr and dropout when searched),
+    with its record of the choice. Checked as params.yaml is before it replaces anything."""
+
+    lambda_sigma: PositiveFloat
+    lambda_tanh: PositiveFloat
+    ttq_threshold: TTQThreshold
+    lr: PositiveFloat | None = None
+    dropout: Probability | None = None
+    val_ppl: PositiveFloat
+    winner: Literal["configured", "sweep"]
+    configured_val_ppl: PositiveFloat | None = None
+
+    def searched(self) -> dict[str, float]:
+        return {key: getattr(self, key) for key in SEARCHED if getattr(self, key) is not None}
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for issue in error.errors():
@@ -369,20 +387,55 @@ def _describe(error: ValidationError) -> str:
 
 
 def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict) or not raw:
+        raise ParamsError(
+            f"{source} is empty or not a mapping of sections: every run is described there "
+            "(see the repository's params.yaml)"
+        )
     try:
-        return Params.model_validate(raw if raw is not None else {})
+        return Params.model_validate(raw)
     except ValidationError as error:
         raise ParamsError(f"{source} is invalid:\n{_describe(error)}") from None
 
 
-def load_params(path: Path = Path("params.yaml")) -> Params:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, what: str) -> object:
+    """A YAML or JSON file (JSON is YAML), as ``ParamsError`` naming it when it is missing,
+    unreadable, not valid or repeats a key."""
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"{path}: file not found (every stage reads its settings from it)")
+        raise ParamsError(f"{path}: file not found ({what})")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except (OSError, UnicodeDecodeError) as error:
         raise ParamsError(f"{path} cannot be read: {error}") from None
     except yaml.YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from None
-    return parse_params(raw, str(path))
+
+
+def load_params(path: Path = Path("params.yaml")) -> Params:
+    return parse_params(read_yaml(path, "every stage reads its settings from it"), str(path))
+
+
+def load_searched(path: Path) -> dict[str, float]:
+    """The values of a sweep's ``best.json``, validated; what ``Params.with_searched`` takes."""
+    raw = read_yaml(path, "a sweep's best.json: run the tune stage first")
+    try:
+        return SearchedSetting.model_validate(raw).searched()
+    except ValidationError as error:
+        raise ParamsError(f"{path} is invalid:\n{_describe(error)}") from None

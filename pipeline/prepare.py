@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from hitnet.data import SPLIT_FILES, CorpusError, load_corpus
+from pipeline.cli import run_command
 from pipeline.params import DataParams, load_params
 from pipeline.tracking import stage_run
 
@@ -99,4 +100,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -2,7 +2,8 @@
 
 Copies the project (the files git tracks or would track) into its own git + DVC repo,
 ``quick/`` by default, with ``params.yaml`` changed as ``pipeline/quick.yaml`` says (a tiny
-model, a slice of PTB, two epochs a stage), then runs ``dvc repro`` there. The real
+model, a slice of PTB, two epochs a stage), then runs the pipeline there as ``make repro``
+does (``python -m pipeline.repro``: ``dvc repro``, independent stages at once). The real
 ``params.yaml`` and the project's own outputs are left alone. Run again, it copies the files
 anew and DVC reruns only what changed; ``--fresh`` starts over. The report lands in
 ``quick/report/``; ``mlflow ui --backend-store-uri sqlite:///quick/mlflow.db`` shows the runs.
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=REPO_ROOT / "quick", help="default: quick/")
     parser.add_argument("--fresh", action="store_true", help="delete --dir first")
+    parser.add_argument("--jobs", type=int, default=3, help="stages at once (default: 3)")
     args = parser.parse_args(argv)
     if args.fresh:
         shutil.rmtree(args.dir, ignore_errors=True)
@@ -86,9 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"quick: the pipeline at smoke size in {project} (params: {QUICK_CHANGES.name})")
     env = dict(os.environ)  # the stages run `python -m pipeline...`: this Python first
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    dvc = subprocess.run(["dvc", "repro"], cwd=project, env=env)
-    if dvc.returncode != 0:
-        sys.exit(f"quick: dvc repro failed in {project} (exit {dvc.returncode}); rerun resumes")
+    repro = [sys.executable, "-m", "pipeline.repro", "--jobs", str(args.jobs)]
+    if subprocess.run(repro, cwd=project, env=env).returncode != 0:
+        sys.exit(f"quick: the pipeline failed in {project}; rerunning resumes it")
     print(f"quick: done. The report: {project / 'report' / 'README.md'}")
 
 

@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 
 from hitnet.lightning_module import LanguageModelTask
 from hitnet.quantizers import BTQEvalMode
+from pipeline.cli import run_command
 from pipeline.history import read_history
 from pipeline.params import Params, load_params
 from pipeline.tracking import stage_run
@@ -267,4 +268,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -27,9 +27,17 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from hitnet.data import PTBDataModule
 from hitnet.language_model import CellType
 from hitnet.lightning_module import LanguageModelTask
+from pipeline.cli import run_command
 from pipeline.history import EpochHistory, read_history
-from pipeline.params import HardwareParams, Params, TrainParams, load_params
-from pipeline.tracking import stage_run
+from pipeline.params import (
+    HardwareParams,
+    Params,
+    ParamsError,
+    TrainParams,
+    load_params,
+    load_searched,
+)
+from pipeline.tracking import UntrackedRun, stage_run
 
 Kind = Literal["fp", "ternary"]
 
@@ -149,17 +157,20 @@ def train(
     if init_from is not None and not Path(init_from).is_file():
         raise FileNotFoundError(f"--init {init_from}: no full-precision checkpoint there")
     if init_from is None and params.recipe(kind, cell).distill_weight > 0:
-        raise ValueError(f"{name}: distill_weight > 0 needs the FP model to distil from (--init)")
+        raise ParamsError(f"{name}: distill_weight > 0 needs the FP model to distil from (--init)")
     used = used_params(params, kind)
     work_dir = Path(work_root) / f"{name.replace('@', '-')}-{fingerprint(used, init_from)}"
     last, run_id_file = work_dir / "last.ckpt", work_dir / "mlflow_run_id"
-    resuming = last.is_file() and run_id_file.is_file()
+    resuming = last.is_file()
+    # The run an interrupted attempt opened goes on, even one killed before its first
+    # checkpoint: a rerun never leaves an orphan run behind in MLflow.
+    earlier_run = run_id_file.read_text().strip() if run_id_file.is_file() else None
 
     with stage_run(
         params.tracking,
         name,
         {**used, "cell": cell, "init_from": str(init_from)},
-        run_id=run_id_file.read_text().strip() if resuming else None,
+        run_id=None if earlier_run == UntrackedRun.run_id else earlier_run,
     ) as run:
         work_dir.mkdir(parents=True, exist_ok=True)
         run_id_file.write_text(run.run_id)
@@ -262,10 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.best is not None:
-        params = params.with_searched(json.loads(args.best.read_text(encoding="utf-8")))
+        params = params.with_searched(load_searched(args.best))
     out = args.out or model_dir(args.kind, args.cell, args.seed)
     train(params, args.cell, args.kind, args.data, out, init_from=args.init, seed=args.seed)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

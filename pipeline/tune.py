@@ -31,6 +31,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
 
 from hitnet.language_model import CellType
+from pipeline.cli import run_command
 from pipeline.params import QUANT_SEARCHED, SEARCHED, Params, TuneParams, load_params
 from pipeline.tracking import StageRun, stage_run, tracking_uri
 from pipeline.train import (
@@ -329,4 +330,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from hitnet.data import PTBDataModule
 from hitnet.language_model import ModelConfig
-from hitnet.lightning_module import Distillation, LanguageModelTask
+from hitnet.lightning_module import Distillation, LanguageModelTask, TrainingDiverged
 from hitnet.quantizers import QuantConfig
 
 TERNARY = QuantConfig(weight="ttq", activation="btq")
@@ -104,6 +104,14 @@ def test_lr_milestones_cut_the_lr_after_those_epochs_whatever_validation_says():
         lrs.append(optimizer.param_groups[0]["lr"])
     # the lr of epochs 2..6: epoch 2 still trains at 20, epoch 3 at 20 / 4
     assert lrs == [20.0, 5.0, 5.0, 1.25, 1.25]
+
+
+def test_a_diverged_run_stops_with_an_error_naming_the_loss_and_lr(small_ptb):
+    task = _task(small_ptb.vocab_size, lr=1e9)  # each step moves weights by 0.25 * 1e9
+    with pytest.raises(
+        TrainingDiverged, match=r"diverged: the (train|val) loss is .* at epoch 1 \(lr 1e\+09\)"
+    ):
+        _trainer(max_epochs=1, limit_train_batches=5, limit_val_batches=2).fit(task, small_ptb)
 
 
 def test_bad_optimisation_settings_are_rejected():

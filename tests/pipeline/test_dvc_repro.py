@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,9 +29,22 @@ def _runs_by_stage(project: Path) -> dict[str, list]:
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_every_stage_records_everything_and_is_then_a_no_op(smoke_project):
+def test_make_repros_driver_runs_every_stage_records_everything_and_dvc_then_has_nothing_to_do(
+    smoke_project,
+):
     project = smoke_project
-    run_tool(project, "dvc", "repro")
+    driver = run_tool(project, sys.executable, "-m", "pipeline.repro", "--jobs", "3")
+    # the two FP models trained at once: the second started before the first ended
+    lines = driver.stdout.splitlines()
+    assert lines.index("repro: starting train_fp@gru") < min(
+        index for index, line in enumerate(lines) if line.startswith("repro: train_fp@lstm done")
+    )
+    timing = json.loads((project / "runs" / "timing.json").read_text())
+    assert set(timing) == {*STAGES, "total"} and timing["total"] >= max(timing[s] for s in STAGES)
+    log = (project / "runs" / "repro.log").read_text().splitlines()
+    assert [line for line in log if line.startswith("repro: ")] == [
+        line for line in lines[:-1] if line.startswith("repro: ")
+    ]
 
     lock = (project / "dvc.lock").read_text()
     for stage in STAGES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from hitnet.quantizers import QuantConfig
-from pipeline.params import HardwareParams, ParamsError, load_params, parse_params
+from pipeline.params import HardwareParams, ParamsError, load_params, load_searched, parse_params
 from pipeline.quick import QUICK_CHANGES
 from tests.conftest import REPO_ROOT
 from tests.pipeline.conftest import deep_update
@@ -208,6 +209,15 @@ BAD_VALUES = [
         id="one-cells-milestones-out-of-order",
     ),
     pytest.param({"training_seeds": []}, "training_seeds", "at least 1", id="no-training-seed"),
+    pytest.param(
+        {"train_fp": {"lr": float("inf")}}, "train_fp.lr", "finite number", id="infinite-lr"
+    ),
+    pytest.param(
+        {"quant": {"per_cell": {"lstm": {"lambda_sigma": float("nan")}}}},
+        "quant.per_cell.lstm.lambda_sigma",
+        "finite number",
+        id="nan-slope",
+    ),
     pytest.param(
         {"training_seeds": [0, 1, 0]}, "training_seeds", "distinct", id="repeated-training-seed"
     ),
@@ -444,3 +454,56 @@ def test_the_quick_look_changes_give_valid_params(repo_raw: dict[str, Any]) -> N
     for cell in params.cells:  # every stage of the DAG at smoke size
         assert params.recipe("fp", cell).epochs <= 2 and params.recipe("ternary", cell).epochs <= 2
     assert params.training_seeds == load_params(REPO_PARAMS).training_seeds
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "is empty or not a mapping"),
+        ("# only a comment\n", "is empty or not a mapping"),
+        ("- seed\n", "is empty or not a mapping"),
+        ("seed: 0\nseed: 1\n", "key 'seed' appears twice"),
+        ("data:\n  bptt: 35\n  bptt: 70\n", "key 'bptt' appears twice"),
+    ],
+    ids=["empty", "comment-only", "a-list", "top-level-key-twice", "nested-key-twice"],
+)
+def test_an_empty_file_or_a_key_given_twice_is_an_error(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=expected) as caught:
+        load_params(path)
+    assert str(path) in str(caught.value)
+
+
+BEST = {
+    "lambda_sigma": 2.0,
+    "lambda_tanh": 1.5,
+    "ttq_threshold": 0.5,
+    "val_ppl": 120.0,
+    "winner": "sweep",
+    "configured_val_ppl": 121.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"lambda_sigma": "2"}, "lambda_sigma"),
+        ({"ttq_threshold": 5.0}, "ttq_threshold"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"slopes": 2.0}, "slopes"),
+        ({"winner": "me"}, "winner"),
+    ],
+    ids=["string-number", "theta-out-of-range", "dropout-out-of-range", "unknown-key", "winner"],
+)
+def test_a_sweeps_best_json_is_checked_as_params_yaml_is(
+    tmp_path: Path, changes: dict[str, Any], expected: str
+) -> None:
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps(BEST))
+    assert load_searched(path) == {"lambda_sigma": 2.0, "lambda_tanh": 1.5, "ttq_threshold": 0.5}
+    path.write_text(json.dumps({**BEST, **changes}))
+    with pytest.raises(ParamsError, match=rf"best.json is invalid:\n  {expected}"):
+        load_searched(path)

@@ -97,3 +97,33 @@ def test_tracking_disabled_trains_without_any_mlflow_store(tmp_path, monkeypatch
     metrics = train(params, "gru", "fp", ptb_dir, tmp_path / "out", work_root=tmp_path / "ck")
     assert metrics["epochs"] == 1 and (tmp_path / "out" / "metrics.json").is_file()
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_a_stage_killed_before_its_first_checkpoint_goes_on_in_the_same_run(
+    tmp_path, monkeypatch, ptb_dir, sqlite_uri
+):
+    """Fault: each such kill left a RUNNING run behind, and the rerun opened another."""
+    monkeypatch.chdir(tmp_path)
+    params = Params.model_validate(
+        {
+            "data": {"max_tokens": 4000},
+            "model": {"embedding_size": 8, "hidden_size": 8},
+            "train_fp": {"epochs": 1, "limit_train_batches": 2, "limit_eval_batches": 2},
+            "hardware": {"accelerator": "cpu"},
+        }
+    )
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # before any epoch, so before any checkpoint
+
+    with monkeypatch.context() as patch:
+        patch.setattr("pipeline.train._fit_and_test", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(params, "gru", "fp", ptb_dir, tmp_path / "out", work_root=tmp_path / "ck")
+    train(params, "gru", "fp", ptb_dir, tmp_path / "out", work_root=tmp_path / "ck")
+
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    experiment = client.get_experiment_by_name("hitnet-ptb")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and "test_ppl" in run.data.metrics
