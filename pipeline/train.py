@@ -27,6 +27,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from hitnet.data import PTBDataModule
 from hitnet.language_model import CellType
 from hitnet.lightning_module import LanguageModelTask
+from pipeline.checkpoint_io import AtomicCheckpointIO
 from pipeline.cli import run_command
 from pipeline.history import EpochHistory, read_history
 from pipeline.params import (
@@ -135,6 +136,7 @@ def build_trainer(
         default_root_dir=work_dir,
         num_sanity_val_steps=0,
         enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
     )
 
 

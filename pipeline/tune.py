@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -132,20 +133,22 @@ def train_trial(
     pl.seed_everything(params.seed, workers=True)
     datamodule = datamodule_for(params, Path(data_dir))
     task = build_task(params, cell, "ternary", datamodule.vocab_size)
-    resume_from = None
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume_from = Path(tempfile.mkdtemp()) / "trial.ckpt"
-            resume_from.write_bytes((Path(folder) / "trial.ckpt").read_bytes())
-    start_from_fp(task, Path(fp_checkpoint), load_weights=checkpoint is None)
-    compile_as_configured(task, params.hardware)
-    fail_at = params.tune.fail_at_epoch if checkpoint is None else None
-    # _ReportToTune is the checkpoint callback: Lightning adds no default one.
-    trainer = build_trainer(
-        params, params.train_ternary, Path(tempfile.mkdtemp()), [_ReportToTune(fail_at)]
-    )
-    trainer.fit(task, datamodule, ckpt_path=resume_from)
+    # The attempt's files (a restored checkpoint, the Trainer's root) go with it.
+    with tempfile.TemporaryDirectory() as scratch:
+        resume_from = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                resume_from = Path(scratch) / "trial.ckpt"
+                shutil.copyfile(Path(folder) / "trial.ckpt", resume_from)
+        start_from_fp(task, Path(fp_checkpoint), load_weights=checkpoint is None)
+        compile_as_configured(task, params.hardware)
+        fail_at = params.tune.fail_at_epoch if checkpoint is None else None
+        # _ReportToTune is the checkpoint callback: Lightning adds no default one.
+        trainer = build_trainer(
+            params, params.train_ternary, Path(scratch) / "trainer", [_ReportToTune(fail_at)]
+        )
+        trainer.fit(task, datamodule, ckpt_path=resume_from)
 
 
 def connect_ray() -> None:
@@ -157,8 +160,14 @@ def connect_ray() -> None:
     if address:
         print(f"tune: joining the Ray cluster at {address}", flush=True)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    else:
-        ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
+    else:  # a new instance of this stage's own, on loopback: never one someone else started
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            runtime_env=runtime_env,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
 
 
 def build_tuner(params: Params, cell: CellType, data_dir: Path, fp_checkpoint: Path, name: str):

@@ -1,5 +1,5 @@
 """Real services for the tests, as local processes on 127.0.0.1: free ports, an MLflow
-tracking server, and stopping a process group for good."""
+tracking server, stopping a process group for good, and Ray instances of the test's own."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.pipeline.conftest import tool_env
@@ -63,3 +65,35 @@ def kill(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+@contextlib.contextmanager
+def own_ray(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """``env`` with a Ray temp folder of this test's own (``RAY_TMPDIR``); on exit, every
+    process started with it, and only those, is killed. `ray stop` would end every Ray
+    process on the machine, whoever started it."""
+    # short: Ray's socket paths under it must fit a Unix socket name (107 bytes)
+    folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    try:
+        yield {**env, "RAY_TMPDIR": folder}
+    finally:
+        stop_processes_started_with(f"RAY_TMPDIR={folder}")
+
+
+def processes_started_with(entry: str) -> list[int]:
+    """PIDs whose environment, as the process started, holds ``entry`` ("NAME=value"):
+    whatever a process with it started inherits it, Ray's workers included."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+    return found
+
+
+def stop_processes_started_with(entry: str) -> None:
+    for pid in processes_started_with(entry):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.pipeline.conftest import STAGES, make_smoke_project, tool_env
-from tests.pipeline.services import free_port, kill, start_mlflow_server
+from tests.pipeline.services import free_port, kill, own_ray, start_mlflow_server
 
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
 
@@ -115,13 +115,11 @@ def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
         ],
         ["ray", "start", f"--address={address}", f"--node-ip-address={host}", "--num-cpus=2"],
     ]
-    try:
+    with own_ray(env) as env:
         for command in commands:
             started = subprocess.run(command, env=env, capture_output=True, text=True)
             assert started.returncode == 0, started.stdout + started.stderr
         yield address, env
-    finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import re
 import secrets
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +18,12 @@ from ray import tune
 from pipeline.params import Params, ParamsError, parse_params
 from pipeline.tune import choose, search_space, starting_point, trial_params
 from tests.pipeline.conftest import make_smoke_project, run_tool, tool_env, write_params
-from tests.pipeline.services import free_port
+from tests.pipeline.services import (
+    free_port,
+    own_ray,
+    processes_started_with,
+    stop_processes_started_with,
+)
 
 
 def test_search_space_is_log_uniform_for_slopes_and_uniform_for_the_threshold():
@@ -167,47 +173,51 @@ def _ran_the_configured_setting(trial_rows: list[str]) -> bool:
 @pytest.mark.slow
 def test_a_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(fp_project):
     log = fp_project / "first.log"
-    with log.open("w") as out:
+    scratch = Path(tempfile.mkdtemp(prefix="trials-"))  # the trials' temp folders go here
+    with own_ray({**tool_env(fp_project), "TMPDIR": str(scratch)}) as env, log.open("w") as out:
         driver = subprocess.Popen(
             ["python", "-m", "pipeline.tune", "lstm", "--out", "runs/tune-resume"],
             cwd=fp_project,
-            env=tool_env(fp_project),
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 240
-    finished: list[str] = []
-    while not finished:
-        assert driver.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no trial finished in time"
-        finished = re.findall(r"Trial (train_trial_\w+) completed", log.read_text())
-        time.sleep(0.2)
-    time.sleep(3)  # let Tune write its experiment state once more
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    subprocess.run(["ray", "stop", "--force"], env=tool_env(fp_project), capture_output=True)
+        deadline = time.monotonic() + 240
+        finished: list[str] = []
+        while not finished:
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            finished = re.findall(r"Trial (train_trial_\w+) completed", log.read_text())
+            time.sleep(0.2)
+        time.sleep(3)  # let Tune write its experiment state once more
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        stop_processes_started_with(f"RAY_TMPDIR={env['RAY_TMPDIR']}")  # its Ray, as a crash
 
-    rerun = run_tool(
-        fp_project, "python", "-m", "pipeline.tune", "lstm", "--out", "runs/tune-resume"
-    )
+        rerun = subprocess.run(
+            ["python", "-m", "pipeline.tune", "lstm", "--out", "runs/tune-resume"],
+            cwd=fp_project,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output[-3000:]
     assert "restoring" in output
     assert finished[0] not in _started_trials(output)  # a finished trial was not rerun
     rows = (fp_project / "runs/tune-resume/trials.csv").read_text().splitlines()[1:]
     assert len(rows) == 3
     assert "first trial at the configured setting" in log.read_text()
     assert _ran_the_configured_setting(rows)
+    # every attempt's scratch folder (restored checkpoint, Trainer root) went with it
+    assert not list(scratch.rglob("*.ckpt"))
 
 
 @pytest.mark.slow
 def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
     # Ray 2.60 authenticates every node and driver with one shared token.
-    env = {
-        **tool_env(fp_project),
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(16),
-    }
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     port = free_port()
     address = f"127.0.0.1:{port}"
     head = [
@@ -221,7 +231,7 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
         "--disable-usage-stats",
     ]
     worker = ["ray", "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
-    try:
+    with own_ray({**tool_env(fp_project), **token}) as env:
         for command in (head, worker):
             started = subprocess.run(command, env=env, capture_output=True, text=True)
             assert started.returncode == 0, started.stdout + started.stderr
@@ -241,14 +251,12 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
             capture_output=True,
             text=True,
         )
-        output = sweep.stdout + sweep.stderr
-        assert sweep.returncode == 0, output[-3000:]
-        assert f"joining the Ray cluster at {address}" in output
-        # The head offers no CPU: every trial that finished ran on the worker process.
-        rows = (fp_project / "runs/tune-cluster/trials.csv").read_text().splitlines()[1:]
-        assert len(rows) == 3 and all(row.endswith(",") for row in rows)  # no error column
-        assert _ran_the_configured_setting(rows)
-    finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
-    leftover = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
-    assert leftover.stdout.strip() == "", "ray processes left behind"
+        marker = f"RAY_TMPDIR={env['RAY_TMPDIR']}"
+    output = sweep.stdout + sweep.stderr
+    assert sweep.returncode == 0, output[-3000:]
+    assert f"joining the Ray cluster at {address}" in output
+    # The head offers no CPU: every trial that finished ran on the worker process.
+    rows = (fp_project / "runs/tune-cluster/trials.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3 and all(row.endswith(",") for row in rows)  # no error column
+    assert _ran_the_configured_setting(rows)
+    assert processes_started_with(marker) == [], "this test's Ray processes left behind"
