@@ -198,6 +198,13 @@ class PTBDataModule(pl.LightningDataModule):
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         self.setup()
         tokens = self.corpus.split(split)[: self.max_tokens]
+        if tokens.numel() // batch_size < 2:
+            size = "batch_size" if split == "train" else "eval_batch_size"
+            kept = "" if self.max_tokens is None else f" (max_tokens {self.max_tokens})"
+            raise CorpusError(
+                f"the {split} split has {tokens.numel()} tokens{kept}: too few to fill {size} "
+                f"{batch_size} with 2+ rows; raise max_tokens or lower {size}"
+            )
         windows = BPTTWindows(batchify(tokens, batch_size), self.bptt)
         # Its own generator: creating an iterator then draws no number from the global RNG,
         # which dropout and BTQ use; so a resumed run sees the same random stream.

@@ -74,7 +74,11 @@ def prepare(data: DataParams, out_dir: Path) -> dict[str, int]:
             fetch(data, name, staging / name)
             if data.verify_checksums:
                 verify(staging / name, PTB_SHA256[name])
-        corpus = load_corpus(staging, allow_unknown=data.allow_unknown)
+        try:
+            corpus = load_corpus(staging, allow_unknown=data.allow_unknown)
+        except CorpusError as error:  # name the file to fix, not its copy about to vanish
+            origin = data.source if data.source is not None else data.url.rstrip("/")
+            raise CorpusError(str(error).replace(str(staging), origin)) from None
         stats = {f"{split}_tokens": corpus.split(split).numel() for split in SPLIT_FILES}
         stats["vocab_size"] = len(corpus.vocab)
         (staging / "vocab.txt").write_text("\n".join(corpus.vocab.words) + "\n", encoding="utf-8")

@@ -9,6 +9,7 @@ the end, where a server still down is an error that names it.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -16,6 +17,7 @@ import os
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,17 +37,41 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def redacted(uri: str) -> str:
+    """``uri`` fit to print: a password in it (``http://user:secret@host``) becomes ``***``."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def check_reachable(uri: str) -> None:
-    """Fails fast, naming the URI, when a tracking server does not answer its health check."""
+    """Fails fast, naming the URI (never its password), when a tracking server does not
+    answer its health check. Credentials in the URI go as HTTP basic auth, as MLflow's
+    client sends them, not as part of the address."""
     if not uri.startswith(("http://", "https://")):
         return
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    health = urllib.parse.urlunsplit(
+        parts._replace(netloc=host, path=f"{parts.path.rstrip('/')}/health")
+    )
+    request = urllib.request.Request(health)
+    if parts.username is not None:
+        user, password = (
+            urllib.parse.unquote(part or "") for part in (parts.username, parts.password)
+        )
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=REACHABILITY_TIMEOUT_S):
+        with urllib.request.urlopen(request, timeout=REACHABILITY_TIMEOUT_S):
             pass
     except (urllib.error.URLError, TimeoutError, OSError) as error:
         raise TrackingError(
-            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {error}. "
-            "Start it, or unset MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db."
+            f"MLflow tracking server {redacted(uri)} (MLFLOW_TRACKING_URI) is not reachable: "
+            f"{error}. Start it, or unset MLFLOW_TRACKING_URI to use the local "
+            "sqlite:///mlflow.db."
         ) from None
 
 
@@ -154,9 +180,12 @@ class StageRun:
             if raise_on_error:
                 raise TrackingError(
                     f"could not log {len(self._pending)} metric values to MLflow at "
-                    f"{self.uri}: {error}"
+                    f"{redacted(self.uri)}: {error}"
                 ) from error
-            print(f"warning: MLflow at {self.uri} failed ({error}); will retry", flush=True)
+            print(
+                f"warning: MLflow at {redacted(self.uri)} failed ({error}); will retry",
+                flush=True,
+            )
             return
         self._pending = []
 

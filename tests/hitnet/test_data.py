@@ -409,3 +409,14 @@ def test_leading_byte_order_mark_is_not_part_of_a_word(tmp_path: Path) -> None:
 def test_datamodule_rejects_max_tokens_below_two(small_corpus: Path, max_tokens: int) -> None:
     with pytest.raises(ValueError, match="max_tokens must be >= 2"):
         PTBDataModule(small_corpus, max_tokens=max_tokens)
+
+
+def test_too_few_tokens_for_the_batch_names_the_split_and_what_to_change(ptb_dir: Path) -> None:
+    module = PTBDataModule(ptb_dir, batch_size=20, eval_batch_size=10, max_tokens=30)
+    with pytest.raises(CorpusError) as caught:
+        module.train_dataloader()
+    message = str(caught.value)
+    assert "the train split has 30 tokens (max_tokens 30)" in message
+    assert "batch_size 20" in message and "raise max_tokens or lower batch_size" in message
+    with pytest.raises(CorpusError, match=r"the valid split has 10 tokens .* eval_batch_size 10"):
+        PTBDataModule(ptb_dir, eval_batch_size=10, max_tokens=10).val_dataloader()

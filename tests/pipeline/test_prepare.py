@@ -241,3 +241,17 @@ def test_main_writes_data_and_logs_an_mlflow_run(
     assert run.data.metrics == {key: float(value) for key, value in PTB_STATS.items()}
     artifacts = [info.path for info in client.list_artifacts(run.info.run_id)]
     assert artifacts == ["stats.json"]
+
+
+def test_a_bad_source_file_is_named_where_it_lies_not_in_the_staging_copy(
+    ptb_dir: Path, tmp_path: Path
+) -> None:
+    """Fault: the message named data/.ptb.<random>/ptb.test.txt, gone once prepare failed."""
+    source = copy_ptb(ptb_dir, tmp_path / "source")
+    change_one_word(source / "ptb.test.txt", " consumers ", " zyzzyvas ")  # not in the vocabulary
+    out = tmp_path / "data" / "ptb"
+    with pytest.raises(CorpusError) as caught:
+        prepare(DataParams(source=str(source), verify_checksums=False), out)
+    message = str(caught.value)
+    assert f"{source}/ptb.test.txt" in message and ".ptb." not in message
+    assert_no_staging(out.parent)

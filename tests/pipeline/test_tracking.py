@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
 import socket
+import threading
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from pipeline.params import Params
-from pipeline.tracking import StageRun, TrackingError, flatten, params_hash, tracking_uri
+from pipeline.tracking import (
+    StageRun,
+    TrackingError,
+    check_reachable,
+    flatten,
+    params_hash,
+    redacted,
+    tracking_uri,
+)
 from pipeline.train import train
 
 
@@ -127,3 +138,36 @@ def test_a_stage_killed_before_its_first_checkpoint_goes_on_in_the_same_run(
     experiment = client.get_experiment_by_name("hitnet-ptb")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and "test_ppl" in run.data.metrics
+
+
+@pytest.fixture
+def health_server_with_basic_auth():
+    """A /health endpoint on loopback that answers only user "alice", password "s3cr:t@"."""
+    expected = "Basic " + base64.b64encode(b"alice:s3cr:t@").decode()
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path == "/health" and self.headers.get("Authorization") == expected
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_credentials_in_the_tracking_uri_are_sent_as_basic_auth_and_never_printed(
+    health_server_with_basic_auth,
+):
+    port = health_server_with_basic_auth
+    check_reachable(f"http://alice:s3cr%3At%40@127.0.0.1:{port}")  # answers: no error
+    with pytest.raises(TrackingError) as caught:
+        check_reachable(f"http://alice:wrong-pw@127.0.0.1:{port}")
+    assert "wrong-pw" not in str(caught.value)
+    assert f"http://alice:***@127.0.0.1:{port}" in str(caught.value)
+    assert redacted("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
