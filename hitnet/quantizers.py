@@ -10,6 +10,7 @@ Three layers, each testable alone:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -135,8 +136,8 @@ class QuantConfig:
                 raise ValueError(f"unknown quantizer {name!r}; expected none, ttq, btq or uq")
         if self.weight == "btq":
             raise ValueError("BTQ is an activation quantizer; weights take ttq, uq or none")
-        if self.ttq_threshold < 0.0:
-            raise ValueError(f"ttq_threshold must be >= 0, got {self.ttq_threshold}")
+        if not (math.isfinite(self.ttq_threshold) and self.ttq_threshold >= 0.0):
+            raise ValueError(f"ttq_threshold must be finite and >= 0, got {self.ttq_threshold}")
         if self.uq_bits < 1:
             raise ValueError(f"uq_bits must be >= 1, got {self.uq_bits}")
         if self.slope_gradient not in get_args(SlopeGradient):

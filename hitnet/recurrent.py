@@ -22,6 +22,7 @@ runs that same recurrence through ``torch.compile`` (the fast path on a GPU).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -171,20 +172,29 @@ class _SlopedRecurrence:
     ) -> None:
         # super() is torch.nn.LSTM or torch.nn.GRU: the parameters are theirs.
         super().__init__(input_size, hidden_size, num_layers=num_layers, dropout=dropout)
-        if lambda_sigma <= 0 or lambda_tanh <= 0:
+        if not all(math.isfinite(slope) and slope > 0 for slope in (lambda_sigma, lambda_tanh)):
             raise ValueError(
-                f"sloping factors must be > 0, got lambda_sigma={lambda_sigma}, "
+                f"sloping factors must be finite and > 0, got lambda_sigma={lambda_sigma}, "
                 f"lambda_tanh={lambda_tanh}"
             )
         self.quant = quant or QuantConfig()
         self.lambda_sigma = float(lambda_sigma)
         self.lambda_tanh = float(lambda_tanh)
         self.fused_full_precision = fused_full_precision
-        self.weight_quantizer = WeightQuantizer(self.quant)
-        self.gate_quantizer = ActivationQuantizer(self.quant, "gates")
-        self.candidate_quantizer = ActivationQuantizer(self.quant, "candidate")
-        self.hidden_quantizer = ActivationQuantizer(self.quant, "hidden")
         self.compile_recurrence(None)
+
+    @property
+    def quant(self) -> QuantConfig:
+        return self._quant
+
+    @quant.setter
+    def quant(self, config: QuantConfig) -> None:
+        """A new config takes effect at once: the quantizers are rebuilt from it."""
+        self._quant = config
+        self.weight_quantizer = WeightQuantizer(config)
+        self.gate_quantizer = ActivationQuantizer(config, "gates")
+        self.candidate_quantizer = ActivationQuantizer(config, "candidate")
+        self.hidden_quantizer = ActivationQuantizer(config, "hidden")
 
     def compile_recurrence(self, mode: str | None = "reduce-overhead") -> None:
         """Runs each layer's recurrence through ``torch.compile`` (None: back to eager).
@@ -213,10 +223,21 @@ class _SlopedRecurrence:
         )
 
     def _check_input(self, input: Tensor) -> None:
+        if self.batch_first:  # the reference recurrence is sequence-first only
+            raise ValueError(f"{type(self).__name__} is sequence-first: batch_first must be False")
         if input.dim() != 3 or input.size(-1) != self.input_size:
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (seq_len, batch, "
                 f"{self.input_size}), got {tuple(input.shape)}"
+            )
+
+    def _check_state(self, state: Tensor, input: Tensor, name: str) -> None:
+        """As torch checks it: one (batch, hidden) slice per layer, no broadcasting."""
+        expected = (self.num_layers, input.size(1), self.hidden_size)
+        if tuple(state.shape) != expected:
+            raise ValueError(
+                f"{type(self).__name__}: expected {name} of shape {expected}, "
+                f"got {tuple(state.shape)}"
             )
 
     def _cell(self) -> Cell:
@@ -277,11 +298,13 @@ class SlopedLSTM(_SlopedRecurrence, nn.LSTM):
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         self._check_input(input)
-        if self.uses_fused_kernel:
-            return nn.LSTM.forward(self, input, hx)
         if hx is None:
             zeros = input.new_zeros(self.num_layers, input.size(1), self.hidden_size)
             hx = (zeros, zeros)
+        for state, name in zip(hx, ("h_0", "c_0"), strict=True):
+            self._check_state(state, input, name)
+        if self.uses_fused_kernel:
+            return nn.LSTM.forward(self, input, hx)
         initial = [(hx[0][layer], hx[1][layer]) for layer in range(self.num_layers)]
         output, final = self._run_layers(input, initial, generator)
         h_n = torch.stack([h for h, _ in final])
@@ -308,12 +331,16 @@ class SlopedGRU(_SlopedRecurrence, nn.GRU):
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
         self._check_input(input)
-        if self.uses_fused_kernel:
-            return nn.GRU.forward(self, input, hx)
         if hx is None:
             hx = input.new_zeros(self.num_layers, input.size(1), self.hidden_size)
             if self.quant.gru_accumulator:
                 hx = (hx, hx)
+        for state, name in zip(
+            hx if self.quant.gru_accumulator else (hx,), ("h_0", "a_0"), strict=False
+        ):
+            self._check_state(state, input, name)
+        if self.uses_fused_kernel:
+            return nn.GRU.forward(self, input, hx)
         if not self.quant.gru_accumulator:
             output, final = self._run_layers(input, list(hx.unbind(0)), generator)
             return output, torch.stack(final)

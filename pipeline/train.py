@@ -252,9 +252,12 @@ def _fit_and_test(
 
 def export_model(checkpoint: Path, destination: Path) -> None:
     """The stage's model file: the best checkpoint, less the weights an averaged run would
-    resume training from (its state_dict already holds the averaged model)."""
+    resume training from (its state_dict already holds the averaged model) and the
+    callbacks' states, which hold absolute paths: the same model is the same bytes in every
+    clone, so DVC sees one hash."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    saved.pop("hitnet_average", None)
+    for training_only in ("hitnet_average", "callbacks"):
+        saved.pop(training_only, None)
     torch.save(saved, destination)
 
 

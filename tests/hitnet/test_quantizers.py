@@ -234,7 +234,7 @@ def test_set_activation_noise_reaches_every_activation_quantizer_and_no_state_di
         ({"weight": "btq"}, "BTQ is an activation quantizer"),
         ({"weight": "fp4"}, "unknown quantizer 'fp4'"),
         ({"activations": {"gates", "cell"}}, "unknown activation group(s) ['cell']"),
-        ({"ttq_threshold": -0.1}, "ttq_threshold must be >= 0"),
+        ({"ttq_threshold": -0.1}, "ttq_threshold must be finite and >= 0"),
         ({"uq_bits": 0}, "uq_bits must be >= 1"),
         ({"slope_gradient": "none"}, "slope_gradient must be sloped or unit"),
         ({"btq_eval": "mean"}, "btq_eval must be stochastic or deterministic"),

@@ -1,5 +1,7 @@
 """Sloped LSTM/GRU: exact equivalence with torch's layers, layout, slopes, real ternarity."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -230,8 +232,47 @@ def test_unit_slope_gradient_keeps_the_forward_pass_and_shrinks_the_gradient(cls
 def test_bad_shapes_and_slopes_are_rejected_with_clear_messages():
     with pytest.raises(ValueError, match=r"expects input of shape \(seq_len, batch, 4\)"):
         SlopedLSTM(4, 8)(torch.randn(3, 5))
-    with pytest.raises(ValueError, match="sloping factors must be > 0"):
-        SlopedGRU(4, 8, lambda_sigma=-1.0)
+    for slopes in ({"lambda_sigma": -1.0}, {"lambda_sigma": math.nan}, {"lambda_tanh": math.inf}):
+        with pytest.raises(ValueError, match="sloping factors must be finite and > 0"):
+            SlopedGRU(4, 8, **slopes)
+    with pytest.raises(ValueError, match="ttq_threshold must be finite"):
+        QuantConfig(weight="ttq", ttq_threshold=math.nan)
+
+
+TERNARY = QuantConfig(weight="ttq", activation="btq", btq_eval="deterministic")
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(), TERNARY], ids=["fused", "reference"])
+def test_a_state_of_the_wrong_shape_is_rejected_not_broadcast(quant):
+    """Fault: an LSTM h_0 of shape (B, H) was taken, its row 0 used for every sample; one
+    for 2 layers on a 1-layer module was taken, its second layer ignored."""
+    lstm, gru, x = SlopedLSTM(4, 8, quant=quant), SlopedGRU(4, 8, quant=quant), torch.randn(6, 3, 4)
+    for bad in (torch.zeros(3, 8), torch.zeros(2, 3, 8), torch.zeros(1, 2, 8)):
+        with pytest.raises((ValueError, RuntimeError), match=r"(?i)expected .*(h_0|hidden)"):
+            lstm(x, (bad, torch.zeros(1, 3, 8)))
+        with pytest.raises((ValueError, RuntimeError), match=r"(?i)expected .*(h_0|hidden)"):
+            gru(x, bad)
+
+
+def test_batch_first_set_after_construction_is_refused_not_ignored():
+    layer = SlopedLSTM(4, 8, quant=TERNARY)
+    layer.batch_first = True
+    with pytest.raises(ValueError, match="sequence-first: batch_first must be False"):
+        layer(torch.randn(6, 3, 4))
+
+
+def test_a_new_quant_config_takes_effect_at_once():
+    """Fault: reassigning ``quant`` turned the fused path off, but the quantizers kept the
+    old (full-precision) config: the output stayed silently full precision."""
+    torch.manual_seed(0)
+    layer, x = SlopedLSTM(4, 8), torch.randn(6, 3, 4)
+    fresh = SlopedLSTM(4, 8, quant=TERNARY)
+    fresh.load_state_dict(layer.state_dict())
+    layer.quant = TERNARY
+    layer.eval(), fresh.eval()
+    assert not layer.uses_fused_kernel
+    assert torch.equal(layer(x)[0], fresh(x)[0])
+    assert set(layer(x)[0].unique().tolist()) <= {-1.0, 0.0, 1.0}  # ternary h
 
 
 def test_gru_accumulator_without_quantization_is_torchs_gru():

@@ -119,3 +119,20 @@ def test_a_stage_killed_after_its_last_epoch_finishes_on_rerun_with_its_whole_hi
         *map(str, range(1, epochs + 1)),
     ]
     assert (out / "model.ckpt").is_file() and not any(work_root.iterdir())
+
+
+@pytest.mark.slow
+def test_the_same_model_is_the_same_bytes_in_two_checkouts(
+    tmp_path: Path, ptb_dir, monkeypatch: pytest.MonkeyPatch
+):
+    """Fault: model.ckpt held absolute paths (the callbacks' state), so two clones of the
+    project wrote different bytes, and DVC different hashes, for the same model."""
+    params = Params.model_validate(TINY)
+    models = []
+    for clone in ("one", "another/clone"):
+        checkout = tmp_path / clone
+        checkout.mkdir(parents=True)
+        monkeypatch.chdir(checkout)
+        train(params, "gru", "fp", ptb_dir, Path("runs/fp/gru"))  # relative, as DVC runs it
+        models.append((checkout / "runs/fp/gru/model.ckpt").read_bytes())
+    assert models[0] == models[1]
