@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -120,6 +121,13 @@ class StageRun:
         self.client = MlflowClient(tracking_uri=self.uri)
         self._pending: list = []
         self._logged: set[tuple[str, int]] = set()
+        # Metrics go to the server from a thread of their own: a slow or stalled server
+        # never holds up training (MLflow's client retries a call for minutes by default).
+        self._sending = threading.Lock()  # one sender at a time: no batch goes twice
+        self._queue = threading.Lock()  # guards _pending: held for list edits only
+        self._wake = threading.Event()
+        self._sender = threading.Thread(target=self._send_in_background, daemon=True)
+        self._sender.start()
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -157,7 +165,7 @@ class StageRun:
         }
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queues the metrics and tries to send everything queued; never raises.
+        """Queues the metrics for the background sender; returns at once, never raises.
 
         A resumed run replays the epochs after its last checkpoint; resume is exact, so a
         (key, step) the interrupted run already logged is not logged twice.
@@ -166,28 +174,43 @@ class StageRun:
 
         now = int(time.time() * 1000)
         fresh = {key: v for key, v in metrics.items() if (key, step) not in self._logged}
-        self._pending += [Metric(key, float(v), now, step) for key, v in fresh.items()]
+        with self._queue:
+            self._pending += [Metric(key, float(v), now, step) for key, v in fresh.items()]
         self._logged |= {(key, step) for key in fresh}
-        self.flush(raise_on_error=False)
+        self._wake.set()
 
-    def flush(self, raise_on_error: bool = True) -> None:
-        if not self._pending:
-            return
+    def _send_pending(self) -> None:
+        """Sends what is queued; what fails stays queued. Raises the transport's error."""
+        with self._sending:
+            with self._queue:
+                batch = list(self._pending)
+            for start in range(0, len(batch), 1000):
+                chunk = batch[start : start + 1000]
+                self.client.log_batch(self.run_id, metrics=chunk)
+                with self._queue:  # only this sender removes, from the front
+                    del self._pending[: len(chunk)]
+
+    def _send_in_background(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self._send_pending()
+            except Exception as error:  # any transport or server error: kept, sent later
+                print(
+                    f"warning: MLflow at {redacted(self.uri)} failed ({error}); will retry",
+                    flush=True,
+                )
+
+    def flush(self) -> None:
+        """Sends everything queued now; a server still failing is an error naming it."""
         try:
-            for start in range(0, len(self._pending), 1000):
-                self.client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
-        except Exception as error:  # any transport or server error: keep the metrics queued
-            if raise_on_error:
-                raise TrackingError(
-                    f"could not log {len(self._pending)} metric values to MLflow at "
-                    f"{redacted(self.uri)}: {error}"
-                ) from error
-            print(
-                f"warning: MLflow at {redacted(self.uri)} failed ({error}); will retry",
-                flush=True,
-            )
-            return
-        self._pending = []
+            self._send_pending()
+        except Exception as error:
+            raise TrackingError(
+                f"could not log {len(self._pending)} metric values to MLflow at "
+                f"{redacted(self.uri)}: {error}"
+            ) from error
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

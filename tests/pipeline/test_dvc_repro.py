@@ -126,10 +126,15 @@ def test_a_killed_training_stage_resumes_from_its_checkpoint(smoke_project):
     write_params(project, {"train_fp": {"epochs": 4, "limit_train_batches": 60}})
     run_tool(project, "git", "commit", "-qam", "longer fp training")
     run_tool(project, "dvc", "repro", "prepare")
+    # A finished run first: DVC's run cache then knows these deps, and must not restore
+    # its outputs in place of resuming the killed rerun (fault: it did, and left the
+    # checkpoints and a RUNNING MLflow run behind).
+    run_tool(project, "dvc", "repro", "--single-item", "train_fp@lstm")
 
     history = project / "runs" / "fp" / "lstm" / "history.csv"
+    history.unlink()
     stage = subprocess.Popen(
-        ["dvc", "repro", "--single-item", "train_fp@lstm"],
+        ["dvc", "repro", "--force", "--single-item", "train_fp@lstm"],
         cwd=project,
         env=tool_env(project),
         start_new_session=True,
@@ -153,7 +158,10 @@ def test_a_killed_training_stage_resumes_from_its_checkpoint(smoke_project):
 
     rows = history.read_text().splitlines()[1:]
     assert [int(row.split(",")[0]) for row in rows] == [1, 2, 3, 4]
-    (run,) = _runs_by_stage(project)["train_fp@lstm"]  # the same MLflow run went on
+    # one run for the finished execution, one for the killed one, which went on when resumed
+    _finished, run = sorted(
+        _runs_by_stage(project)["train_fp@lstm"], key=lambda r: r.info.start_time
+    )
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")]
     assert sorted(steps) == [1, 2, 3, 4] and run.info.status == "FINISHED"

@@ -1,6 +1,7 @@
 """The tracking server dies in the middle of a training stage: training goes on, every metric
 reaches DVC's files, the stage ends with an error naming the server and keeps its
-checkpoints; once the server is back, a rerun puts every epoch in the same MLflow run."""
+checkpoints; once the server is back, a plain `dvc repro` puts every epoch in the same MLflow
+run (fault: DVC once skipped the stage as unchanged and left the run RUNNING)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from tests.pipeline.conftest import run_tool, tool_env, write_params
+from tests.pipeline.conftest import tool_env, write_params
 from tests.pipeline.services import free_port, kill, start_mlflow_server
 
 
@@ -30,17 +31,13 @@ def test_training_survives_a_tracking_server_outage(smoke_project, tmp_path):
     server = start_mlflow_server(tmp_path, port, backend)
     try:
         subprocess.run(
-            ["python", "-m", "pipeline.prepare"],
-            cwd=project,
-            env=env,
-            check=True,
-            capture_output=True,
+            ["dvc", "repro", "prepare"], cwd=project, env=env, check=True, capture_output=True
         )
         history = project / "runs" / "fp" / "lstm" / "history.csv"
         log = tmp_path / "train.log"
         with log.open("w") as out:
             training = subprocess.Popen(
-                ["python", "-m", "pipeline.train", "fp", "lstm"],
+                ["dvc", "repro", "--single-item", "train_fp@lstm"],
                 cwd=project,
                 env=env,
                 stdout=out,
@@ -61,16 +58,10 @@ def test_training_survives_a_tracking_server_outage(smoke_project, tmp_path):
         assert list((project / "checkpoints").glob("train_fp-lstm-*/last.ckpt"))  # kept
 
         server = start_mlflow_server(tmp_path, port, backend)  # back, with its store
-        rerun = run_tool(
-            project,
-            "env",
-            *(f"{k}={v}" for k, v in env.items() if k.startswith("MLFLOW")),
-            "python",
-            "-m",
-            "pipeline.train",
-            "fp",
-            "lstm",
+        rerun = subprocess.run(
+            ["dvc", "repro", "train_fp@lstm"], cwd=project, env=env, capture_output=True, text=True
         )
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
         assert "resuming from" in rerun.stdout
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name("hitnet-ptb")

@@ -171,3 +171,26 @@ def test_credentials_in_the_tracking_uri_are_sent_as_basic_auth_and_never_printe
     assert "wrong-pw" not in str(caught.value)
     assert f"http://alice:***@127.0.0.1:{port}" in str(caught.value)
     assert redacted("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_a_stalled_server_never_holds_up_the_caller(sqlite_uri):
+    """Fault: MLflow's retries (minutes a call) ran in the training loop."""
+    run = StageRun("exp", "train_fp@gru", {"seed": 0})
+    stalled, send = threading.Event(), run.client.log_batch
+
+    def stalls_until_released(*args, **kwargs):
+        stalled.wait()
+        return send(*args, **kwargs)
+
+    run.client.log_batch = stalls_until_released
+    epochs = threading.Thread(
+        target=lambda: [run.log_metrics({"val_ppl": 100.0 - e}, step=e) for e in (1, 2, 3)]
+    )
+    epochs.start()
+    epochs.join(timeout=30)
+    assert not epochs.is_alive(), "log_metrics waited for the stalled server"
+    stalled.set()  # the server answers again
+    run.finish()
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    history = client.get_metric_history(run.run_id, "val_ppl")
+    assert sorted((m.step, m.value) for m in history) == [(1, 99.0), (2, 98.0), (3, 97.0)]
