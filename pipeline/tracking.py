@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +261,18 @@ def stage_run(
     if not tracking.enabled:
         return UntrackedRun()
     return StageRun(tracking.experiment, stage, params, run_id=run_id)
+
+
+@contextlib.contextmanager
+def resumable_stage_run(
+    tracking: TrackingParams, stage: str, params: Mapping[str, Any], run_id_file: Path
+) -> Iterator[StageRun | UntrackedRun]:
+    """``stage_run`` that goes on with the run an interrupted attempt opened (its id is kept
+    in ``run_id_file``), even one killed before it saved anything: a rerun never leaves an
+    orphan RUNNING run behind in MLflow."""
+    earlier = run_id_file.read_text().strip() if run_id_file.is_file() else None
+    run_id = None if earlier == UntrackedRun.run_id else earlier
+    with stage_run(tracking, stage, params, run_id=run_id) as run:
+        run_id_file.parent.mkdir(parents=True, exist_ok=True)
+        run_id_file.write_text(run.run_id)
+        yield run

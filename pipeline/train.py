@@ -38,7 +38,7 @@ from pipeline.params import (
     load_params,
     load_searched,
 )
-from pipeline.tracking import UntrackedRun, stage_run
+from pipeline.tracking import resumable_stage_run
 
 Kind = Literal["fp", "ternary"]
 
@@ -162,20 +162,15 @@ def train(
         raise ParamsError(f"{name}: distill_weight > 0 needs the FP model to distil from (--init)")
     used = used_params(params, kind)
     work_dir = Path(work_root) / f"{name.replace('@', '-')}-{fingerprint(used, init_from)}"
-    last, run_id_file = work_dir / "last.ckpt", work_dir / "mlflow_run_id"
+    last = work_dir / "last.ckpt"
     resuming = last.is_file()
-    # The run an interrupted attempt opened goes on, even one killed before its first
-    # checkpoint: a rerun never leaves an orphan run behind in MLflow.
-    earlier_run = run_id_file.read_text().strip() if run_id_file.is_file() else None
 
-    with stage_run(
+    with resumable_stage_run(
         params.tracking,
         name,
         {**used, "cell": cell, "init_from": str(init_from)},
-        run_id=None if earlier_run == UntrackedRun.run_id else earlier_run,
+        work_dir / "mlflow_run_id",
     ) as run:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        run_id_file.write_text(run.run_id)
         if resuming:
             print(f"{name}: resuming from {last} (MLflow run {run.run_id})", flush=True)
         metrics = _fit_and_test(

@@ -34,7 +34,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from hitnet.language_model import CellType
 from pipeline.cli import run_command
 from pipeline.params import QUANT_SEARCHED, SEARCHED, Params, TuneParams, load_params
-from pipeline.tracking import StageRun, stage_run, tracking_uri
+from pipeline.tracking import StageRun, resumable_stage_run, tracking_uri
 from pipeline.train import (
     build_task,
     build_trainer,
@@ -293,7 +293,9 @@ def sweep(
     sections = {"seed", "data", "model", "quant", "train_ternary", "tune"}
     used = {**params.model_dump(include=sections), "cell": cell}
     name = f"tune-{cell}-{fingerprint(used, fp_checkpoint)}"
-    with stage_run(params.tracking, f"tune@{cell}", used) as parent:
+    # beside the Tune experiment it belongs to: a restored sweep goes on in the same run
+    run_id_file = Path(params.tune.storage).resolve() / f"{name}.mlflow_run_id"
+    with resumable_stage_run(params.tracking, f"tune@{cell}", used, run_id_file) as parent:
         connect_ray()
         try:
             results = build_tuner(params, cell, data_dir, fp_checkpoint, name).fit()
@@ -306,6 +308,7 @@ def sweep(
             parent.log_metrics({"best_val_ppl": best["val_ppl"]}, step=0)
             for artifact in ("best.json", "trials.csv", "sweep.png"):
                 parent.log_artifact(Path(out_dir) / artifact)
+    run_id_file.unlink()  # finished and recorded: a forced rerun is a run of its own
     print(f"tune@{cell}: best {best}", flush=True)
     return best
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 from ray import tune
 
 from pipeline.params import Params, ParamsError, parse_params
@@ -210,6 +211,12 @@ def test_a_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(fp_
     assert len(rows) == 3
     assert "first trial at the configured setting" in log.read_text()
     assert _ran_the_configured_setting(rows)
+    # the killed driver's MLflow run went on: no orphan RUNNING parent (a fault once)
+    client = MlflowClient(tracking_uri=f"sqlite:///{fp_project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("hitnet-ptb")
+    sweeps = client.search_runs([experiment.experiment_id], "tags.`dvc.stage` = 'tune@lstm'")
+    parents = [run for run in sweeps if "mlflow.parentRunId" not in run.data.tags]
+    assert [run.info.status for run in parents] == ["FINISHED"]
     # every attempt's scratch folder (restored checkpoint, Trainer root) went with it
     assert not list(scratch.rglob("*.ckpt"))
 
