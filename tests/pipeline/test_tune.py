@@ -223,6 +223,9 @@ def test_a_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(fp_
 
 @pytest.mark.slow
 def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
+    # A storage of its own: the resume test's finished sweep has the same fingerprint, and
+    # restoring it would run no trial on this cluster.
+    write_params(fp_project, {"tune": {"storage": "ray_results_cluster"}})
     # Ray 2.60 authenticates every node and driver with one shared token.
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     port = free_port()
@@ -261,7 +264,7 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
         marker = f"RAY_TMPDIR={env['RAY_TMPDIR']}"
     output = sweep.stdout + sweep.stderr
     assert sweep.returncode == 0, output[-3000:]
-    assert f"joining the Ray cluster at {address}" in output
+    assert f"joining the Ray cluster at {address}" in output and "restoring" not in output
     # The head offers no CPU: every trial that finished ran on the worker process.
     rows = (fp_project / "runs/tune-cluster/trials.csv").read_text().splitlines()[1:]
     assert len(rows) == 3 and all(row.endswith(",") for row in rows)  # no error column
