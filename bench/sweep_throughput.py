@@ -1,4 +1,4 @@
-"""Sweep throughput: trial-epochs per minute with 1, 2, 4, 8 concurrent Tune trials on one GPU.
+"""Sweep throughput: trial-epochs per minute with 1, 2, 4, 8, 16 concurrent Tune trials on one GPU.
 
 Runs the tune stage's own trainable (``pipeline.tune.build_tuner``: ternary model, Optuna,
 ASHA, ``tune.with_resources``) once per concurrency level N, all levels in one Ray session:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("data/ptb"))
     parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm")
     parser.add_argument("--init", type=Path, help="FP checkpoint; default: fresh weights")
-    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--epochs", type=int, default=3, help="per trial; at least 2")
     parser.add_argument("--limit-train-batches", type=int)
     parser.add_argument("--limit-eval-batches", type=int)
