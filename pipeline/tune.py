@@ -10,8 +10,9 @@ sees). Writes ``out_dir``: ``best.json`` (what ``train_ternary`` uses), ``trials
 
 Resumable: a rerun after the driver died restores the experiment (``Tuner.restore``) and does
 not rerun finished trials; a trial whose worker dies resumes from its last checkpoint.
-MLflow: one parent run for the sweep and one nested run per trial, logged by this driver
-(the trials never write to the store, so a local SQLite file sees one writer).
+MLflow: one parent run for the sweep and one nested run per trial, live while the trial runs,
+logged by this driver through Ray's ``MLflowLoggerCallback`` (the trials never write to the
+store, so a local SQLite file sees one writer).
 """
 
 from __future__ import annotations
@@ -170,7 +171,16 @@ def connect_ray() -> None:
         )
 
 
-def build_tuner(params: Params, cell: CellType, data_dir: Path, fp_checkpoint: Path, name: str):
+def build_tuner(
+    params: Params,
+    cell: CellType,
+    data_dir: Path,
+    fp_checkpoint: Path,
+    name: str,
+    parent_run_id: str | None = None,
+):
+    """The sweep's Tuner, or the restored one. With ``parent_run_id``, every trial is a
+    nested MLflow run under it while it runs (Ray's logger, in this driver: one writer)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -215,8 +225,19 @@ def build_tuner(params: Params, cell: CellType, data_dir: Path, fp_checkpoint: P
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[] if parent_run_id is None else [trial_logger(params, cell, parent_run_id)],
             verbose=1,
         ),
+    )
+
+
+def trial_logger(params: Params, cell: CellType, parent_run_id: str):
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return MLflowLoggerCallback(
+        tracking_uri=tracking_uri(),
+        experiment_name=params.tracking.experiment,
+        tags={"mlflow.parentRunId": parent_run_id, "dvc.stage": f"tune@{cell}"},
     )
 
 
@@ -298,34 +319,19 @@ def sweep(
     with resumable_stage_run(params.tracking, f"tune@{cell}", used, run_id_file) as parent:
         connect_ray()
         try:
-            results = build_tuner(params, cell, data_dir, fp_checkpoint, name).fit()
+            parent_run_id = parent.run_id if isinstance(parent, StageRun) else None
+            results = build_tuner(params, cell, data_dir, fp_checkpoint, name, parent_run_id).fit()
         finally:
             ray.shutdown()
         rows = _trial_rows(results, starting_point(params, cell))
         best = _write_outputs(rows, Path(out_dir), params.tune.epochs)
         if isinstance(parent, StageRun):
-            _log_trials(params, cell, parent.run_id, rows)
             parent.log_metrics({"best_val_ppl": best["val_ppl"]}, step=0)
             for artifact in ("best.json", "trials.csv", "sweep.png"):
                 parent.log_artifact(Path(out_dir) / artifact)
     run_id_file.unlink()  # finished and recorded: a forced rerun is a run of its own
     print(f"tune@{cell}: best {best}", flush=True)
     return best
-
-
-def _log_trials(params: Params, cell: CellType, parent_run_id: str, rows: list[dict]) -> None:
-    """One nested MLflow run per trial, with its params and val_ppl per epoch."""
-    for row in rows:
-        config = {key: row[key] for key in SEARCHED if key in row}
-        with StageRun(
-            params.tracking.experiment,
-            f"tune@{cell}",
-            config,
-            parent_run_id=parent_run_id,
-            run_name=f"trial {row['trial_id']}",
-        ) as trial:
-            for epoch, value in enumerate(row["val_ppl_history"], start=1):
-                trial.log_metrics({"val_ppl": value}, step=epoch)
 
 
 def main(argv: list[str] | None = None) -> None:

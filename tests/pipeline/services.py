@@ -93,7 +93,13 @@ def processes_started_with(entry: str) -> list[int]:
     return found
 
 
-def stop_processes_started_with(entry: str) -> None:
-    for pid in processes_started_with(entry):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def stop_processes_started_with(entry: str, timeout_s: float = 30) -> None:
+    """SIGKILL to each, again until none is left (one may start another as it goes)."""
+    deadline = time.monotonic() + timeout_s
+    while pids := processes_started_with(entry):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes started with {entry} outlived SIGKILL: {pids}")
+        time.sleep(0.2)
