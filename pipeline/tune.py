@@ -161,7 +161,10 @@ def connect_ray() -> None:
     if address:
         print(f"tune: joining the Ray cluster at {address}", flush=True)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    else:  # a new instance of this stage's own, on loopback: never one someone else started
+    else:
+        # A new instance of this stage's own, never one someone else started (plain
+        # ray.init() joins the machine's latest). Its node address is loopback; Ray 2.60's
+        # servers still listen on every interface, with no setting to change that.
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",
