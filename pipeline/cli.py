@@ -1,4 +1,5 @@
-"""The stages' command lines: a mistake in their input ends in one clear line, not a traceback.
+"""The stages' command lines: a mistake in their input ends in one clear line, not a traceback,
+and the libraries' chatter that is not the user's business stays out of the log.
 
 What a user can fix (a params key, a data file, the tracking server, a run that diverged) is
 printed as ``error: <message>`` on stderr, and the command exits with status 2. Anything else
@@ -7,8 +8,10 @@ is a bug and keeps its traceback; so does every error when ``HITNET_TRACEBACK=1`
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from hitnet.data import CorpusError
@@ -19,7 +22,24 @@ from pipeline.tracking import TrackingError
 USER_ERRORS = (ParamsError, CorpusError, TrackingError, TrainingDiverged, FileNotFoundError)
 
 
+# Messages of the libraries that say nothing a user of these stages acts on.
+QUIET_WARNINGS = (
+    r".*does not have many workers.*",  # PTB windows come from memory, one process does
+    r".*Checkpoint directory .* exists and is not empty.*",  # a resumed run's own folder
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
+def quiet_libraries() -> None:
+    """Lightning's info lines (hardware found, tips, restoring) go; its warnings stay."""
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def run_command(main: Callable[[], None]) -> None:
+    quiet_libraries()
     try:
         main()
     except USER_ERRORS as error:

@@ -105,7 +105,14 @@ def start_from_fp(task: LanguageModelTask, fp_checkpoint: Path, load_weights: bo
     when the recipe distils, the teacher: the same architecture, full precision."""
     state = torch.load(fp_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     if load_weights:  # same parameter layout: FP weights load unchanged
-        task.load_state_dict(state)
+        try:
+            task.load_state_dict(state)
+        except RuntimeError as error:  # another cell, or other sizes
+            mismatch = str(error).splitlines()[-1].strip()
+            raise ParamsError(
+                f"--init {fp_checkpoint} is not this stage's FP model (a {task.model.config.cell}"
+                f" of params.yaml's sizes): {mismatch}"
+            ) from None
     if task.hparams.distill_weight > 0:
         teacher = LanguageModelTask(task.model.config.full_precision())
         teacher.load_state_dict(state)

@@ -34,6 +34,8 @@ def test_make_repros_driver_runs_every_stage_records_everything_and_dvc_then_has
 ):
     project = smoke_project
     driver = run_tool(project, sys.executable, "-m", "pipeline.repro", "--jobs", "3")
+    for chatter in ("GPU available", "Tip:", "does not have many workers"):
+        assert chatter not in driver.stdout + driver.stderr  # the libraries' noise stays out
     # the two FP models trained at once: the second started before the first ended
     lines = driver.stdout.splitlines()
     assert lines.index("repro: starting train_fp@gru") < min(

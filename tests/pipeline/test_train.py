@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hitnet.lightning_module import LanguageModelTask
-from pipeline.params import Params
+from pipeline.params import Params, ParamsError
 from pipeline.train import build_trainer, train
 from tests.pipeline.conftest import SMOKE, deep_update
 
@@ -136,3 +136,16 @@ def test_the_same_model_is_the_same_bytes_in_two_checkouts(
         train(params, "gru", "fp", ptb_dir, Path("runs/fp/gru"))  # relative, as DVC runs it
         models.append((checkout / "runs/fp/gru/model.ckpt").read_bytes())
     assert models[0] == models[1]
+
+
+@pytest.mark.slow
+def test_an_fp_model_of_another_cell_is_named_as_the_wrong_init(
+    tmp_path: Path, ptb_dir, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    params = Params.model_validate(TINY)
+    train(params, "lstm", "fp", ptb_dir, tmp_path / "fp", work_root=tmp_path / "ck")
+    init = tmp_path / "fp" / "model.ckpt"
+    with pytest.raises(ParamsError, match=rf"--init {init} is not this stage's FP model \(a gru"):
+        train(params, "gru", "ternary", ptb_dir, tmp_path / "t", init_from=init, work_root="ck")
+    assert not (tmp_path / "t").exists()
