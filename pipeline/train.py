@@ -156,7 +156,7 @@ def train(
     init_from: Path | None = None,
     work_root: Path = Path("checkpoints"),
     seed: int | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     """Trains (or resumes) one model, tests its best checkpoint, writes ``out_dir``.
 
     ``seed``, when given, replaces ``params.seed``: one of ``training_seeds``."""
@@ -218,7 +218,7 @@ def _fit_and_test(
     resuming: bool,
     log_metrics: Callable[[dict[str, float], int], None],
     name: str,
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     """Fits from scratch, from ``init_from`` or, resuming, from ``work_dir/last.ckpt``;
     writes out_dir."""
     recipe = params.recipe(kind, cell)
@@ -245,6 +245,9 @@ def _fit_and_test(
     # Testing restores the best checkpoint, callback states included: read history first.
     (test,) = trainer.test(task, datamodule, ckpt_path=best.best_model_path, verbose=False)
     metrics["test_ppl"] = float(test["test_ppl"])
+    quant = task.model.config.quant
+    if quant.needs_noise:  # which evaluation val and test used: named where they are read
+        metrics["btq_eval"] = "rounded" if quant.btq_eval == "deterministic" else "drawn"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     export_model(Path(best.best_model_path), out_dir / "model.ckpt")

@@ -327,10 +327,18 @@ def test_datamodule_max_tokens(small_corpus: Path) -> None:
     assert dm.corpus.train.numel() == 300
 
 
-def test_datamodule_max_tokens_too_small(small_corpus: Path) -> None:
-    dm = PTBDataModule(small_corpus, batch_size=4, max_tokens=7)
-    with pytest.raises(CorpusError, match="batch size 4"):
+def test_datamodule_max_tokens_too_small_names_the_split_and_what_to_change(
+    small_corpus: Path,
+) -> None:
+    dm = PTBDataModule(small_corpus, batch_size=4, eval_batch_size=10, max_tokens=7)
+    with pytest.raises(CorpusError) as caught:
         dm.train_dataloader()
+    assert str(caught.value) == (
+        "the train split has 7 tokens (max_tokens 7): too few to fill batch_size 4 with 2+ "
+        "rows; raise max_tokens or lower batch_size"
+    )
+    with pytest.raises(CorpusError, match=r"the valid split has 7 tokens .* eval_batch_size 10"):
+        dm.val_dataloader()
 
 
 def test_datamodule_vocab_size(small_corpus: Path) -> None:
@@ -409,14 +417,3 @@ def test_leading_byte_order_mark_is_not_part_of_a_word(tmp_path: Path) -> None:
 def test_datamodule_rejects_max_tokens_below_two(small_corpus: Path, max_tokens: int) -> None:
     with pytest.raises(ValueError, match="max_tokens must be >= 2"):
         PTBDataModule(small_corpus, max_tokens=max_tokens)
-
-
-def test_too_few_tokens_for_the_batch_names_the_split_and_what_to_change(ptb_dir: Path) -> None:
-    module = PTBDataModule(ptb_dir, batch_size=20, eval_batch_size=10, max_tokens=30)
-    with pytest.raises(CorpusError) as caught:
-        module.train_dataloader()
-    message = str(caught.value)
-    assert "the train split has 30 tokens (max_tokens 30)" in message
-    assert "batch_size 20" in message and "raise max_tokens or lower batch_size" in message
-    with pytest.raises(CorpusError, match=r"the valid split has 10 tokens .* eval_batch_size 10"):
-        PTBDataModule(ptb_dir, eval_batch_size=10, max_tokens=10).val_dataloader()

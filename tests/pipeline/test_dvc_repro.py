@@ -60,6 +60,10 @@ def test_make_repros_driver_runs_every_stage_records_everything_and_dvc_then_has
         values = metrics[f"{folder}/metrics.json"]["data"]
         for key in ("train_ppl", "val_ppl", "test_ppl"):
             assert math.isfinite(values[key]) and values[key] > 1, (folder, key)
+        # a ternary model's figures name their BTQ evaluation (the smoke params round it)
+        assert values.get("btq_eval") == ("rounded" if "ternary" in folder else None)
+    for cell in ("lstm", "gru"):  # what each sweep chose is a metric too
+        assert metrics[f"runs/tune/{cell}/best.json"]["data"]["winner"] in ("configured", "sweep")
     report_metrics = metrics["report/metrics.json"]["data"]
     for cell in ("lstm", "gru"):
         ternary = report_metrics[cell]["ternary"]

@@ -261,7 +261,20 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
             capture_output=True,
             text=True,
         )
+        # Without RAY_ADDRESS a sweep starts a Ray of its own, even with this cluster the
+        # machine's latest (fault: plain ray.init() joined whatever cluster ran last).
+        alone = subprocess.run(
+            ["python", "-m", "pipeline.tune", "lstm", "--out", "runs/tune-alone"],
+            cwd=fp_project,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         marker = f"RAY_TMPDIR={env['RAY_TMPDIR']}"
+    alone_output = alone.stdout + alone.stderr
+    assert alone.returncode == 0, alone_output[-3000:]
+    assert "Connecting to existing Ray cluster" not in alone_output
+    assert "joining the Ray cluster" not in alone_output
     output = sweep.stdout + sweep.stderr
     assert sweep.returncode == 0, output[-3000:]
     assert f"joining the Ray cluster at {address}" in output and "restoring" not in output
