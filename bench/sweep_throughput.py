@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.builders import build_task, datamodule_for
 from pipeline.params import Params, load_params
-from pipeline.train import build_task, datamodule_for
 from pipeline.tune import build_tuner, connect_ray
 
 

@@ -24,11 +24,11 @@ import pytorch_lightning as pl
 
 from hitnet.lightning_module import LanguageModelTask
 from hitnet.quantizers import BTQEvalMode
+from pipeline.builders import compile_as_configured, datamodule_for, model_dir
 from pipeline.cli import run_command
 from pipeline.history import read_history
 from pipeline.params import Params, load_params
 from pipeline.tracking import stage_run
-from pipeline.train import compile_as_configured, datamodule_for, model_dir
 
 # HitNet (NeurIPS 2018), PTB test perplexity per word, 1x300 (../shared/HITNET.md).
 PAPER = {

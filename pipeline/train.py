@@ -12,47 +12,40 @@ kill continues from the last one instead of starting over.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 
-from hitnet.data import PTBDataModule
 from hitnet.language_model import CellType
-from hitnet.lightning_module import LanguageModelTask
-from pipeline.checkpoint_io import AtomicCheckpointIO
+from pipeline.builders import (
+    Kind,
+    build_task,
+    build_trainer,
+    compile_as_configured,
+    datamodule_for,
+    fingerprint,
+    model_dir,
+    start_from_fp,
+)
 from pipeline.cli import run_command
 from pipeline.history import EpochHistory, read_history
 from pipeline.params import (
-    HardwareParams,
     Params,
     ParamsError,
-    TrainParams,
     load_params,
     load_searched,
 )
 from pipeline.tracking import resumable_stage_run
 
-Kind = Literal["fp", "ternary"]
-
 
 def stage_name(kind: Kind, cell: CellType, seed: int | None = None) -> str:
     """DVC's name of the stage: ``train_fp@lstm``, or per training seed ``train_ternary@lstm-1``."""
     return f"train_{kind}@{cell}" + ("" if seed is None else f"-{seed}")
-
-
-def model_dir(
-    kind: Kind, cell: CellType, seed: int | None = None, runs: Path = Path("runs")
-) -> Path:
-    """Where a stage writes its model: ``runs/fp/lstm``, or ``runs/ternary/lstm/seed1``."""
-    return Path(runs) / kind / cell / ("" if seed is None else f"seed{seed}")
 
 
 def used_params(params: Params, kind: Kind) -> dict:
@@ -61,90 +54,6 @@ def used_params(params: Params, kind: Kind) -> dict:
     if kind == "ternary":
         used["quant"] = params.quant.model_dump()
     return used
-
-
-def fingerprint(params: dict, init_from: Path | None) -> str:
-    """Names the resume folder: a change of params or of the FP model starts afresh."""
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-    if init_from is not None:
-        digest.update(Path(init_from).read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def datamodule_for(params: Params, data_dir: Path) -> PTBDataModule:
-    data = params.data
-    return PTBDataModule(
-        data_dir,
-        batch_size=data.batch_size,
-        eval_batch_size=data.eval_batch_size,
-        bptt=data.bptt,
-        allow_unknown=data.allow_unknown,
-        max_tokens=data.max_tokens,
-    )
-
-
-def build_task(params: Params, cell: CellType, kind: Kind, vocab_size: int) -> LanguageModelTask:
-    recipe = params.recipe(kind, cell)
-    return LanguageModelTask(
-        params.build_model_config(cell, vocab_size, ternary=kind == "ternary"),
-        lr=recipe.lr,
-        lr_decay=recipe.lr_decay,
-        lr_patience=recipe.lr_patience,
-        lr_threshold=recipe.lr_threshold,
-        lr_milestones=recipe.lr_milestones,
-        eval_seed=params.seed,
-        distill_weight=recipe.distill_weight,
-        distill_temperature=recipe.distill_temperature,
-        average_from_epoch=recipe.average_from_epoch,
-        activation_warmup_steps=recipe.activation_warmup_steps,
-    )
-
-
-def start_from_fp(task: LanguageModelTask, fp_checkpoint: Path, load_weights: bool) -> None:
-    """A ternary model's link to its FP model: the initial weights (unless resuming) and,
-    when the recipe distils, the teacher: the same architecture, full precision."""
-    state = torch.load(fp_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    if load_weights:  # same parameter layout: FP weights load unchanged
-        try:
-            task.load_state_dict(state)
-        except RuntimeError as error:  # another cell, or other sizes
-            mismatch = str(error).splitlines()[-1].strip()
-            raise ParamsError(
-                f"--init {fp_checkpoint} is not this stage's FP model (a {task.model.config.cell}"
-                f" of params.yaml's sizes): {mismatch}"
-            ) from None
-    if task.hparams.distill_weight > 0:
-        teacher = LanguageModelTask(task.model.config.full_precision())
-        teacher.load_state_dict(state)
-        task.set_teacher(teacher.model)
-
-
-def compile_as_configured(task: LanguageModelTask, hardware: HardwareParams) -> None:
-    """The recurrence compiled as `hardware.compile` says, in every stage that runs a model:
-    rounded BTQ then meets the same float32 arithmetic in training, sweeps and the report."""
-    if not task.model.recurrent.uses_fused_kernel:  # cuDNN needs no compiling
-        task.model.recurrent.compile_recurrence(hardware.compile_mode())
-
-
-def build_trainer(
-    params: Params, recipe: TrainParams, work_dir: Path, callbacks: list
-) -> pl.Trainer:
-    on_terminal = sys.stderr.isatty()  # a live bar for people; CI gets one line an epoch
-    return pl.Trainer(
-        max_epochs=recipe.epochs,
-        gradient_clip_val=recipe.clip,
-        **params.hardware.trainer_kwargs(),
-        limit_train_batches=recipe.limit_train_batches,
-        limit_val_batches=recipe.limit_eval_batches,
-        limit_test_batches=recipe.limit_eval_batches,
-        callbacks=callbacks + ([TQDMProgressBar(refresh_rate=50)] if on_terminal else []),
-        enable_progress_bar=on_terminal,
-        logger=False,
-        default_root_dir=work_dir,
-        num_sanity_val_steps=0,
-        enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],
-    )
 
 
 def train(

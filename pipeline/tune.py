@@ -33,10 +33,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
 
 from hitnet.language_model import CellType
-from pipeline.cli import run_command
-from pipeline.params import QUANT_SEARCHED, SEARCHED, Params, TuneParams, load_params
-from pipeline.tracking import StageRun, resumable_stage_run, tracking_uri
-from pipeline.train import (
+from pipeline.builders import (
     build_task,
     build_trainer,
     compile_as_configured,
@@ -44,6 +41,9 @@ from pipeline.train import (
     fingerprint,
     start_from_fp,
 )
+from pipeline.cli import run_command
+from pipeline.params import QUANT_SEARCHED, SEARCHED, Params, TuneParams, load_params
+from pipeline.tracking import StageRun, resumable_stage_run, tracking_uri
 
 LOG_UNIFORM = ("lambda_sigma", "lambda_tanh", "lr")  # searched, and plotted, on a log scale
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.builders import build_trainer
 from pipeline.params import Params
-from pipeline.train import build_trainer
 from tests.pipeline.conftest import SMOKE
 
 GOOD = {"weights": torch.arange(100_000, dtype=torch.float32), "epoch": 1}

@@ -9,8 +9,8 @@ import pytest
 import pytorch_lightning as pl
 
 from pipeline import report
+from pipeline.builders import build_task, datamodule_for, model_dir
 from pipeline.params import Params
-from pipeline.train import build_task, datamodule_for, model_dir
 from tests.pipeline.conftest import SMOKE, deep_update
 
 TEST_BATCHES = 3

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from hitnet.lightning_module import LanguageModelTask
+from pipeline.builders import build_trainer
 from pipeline.params import Params, ParamsError
-from pipeline.train import build_trainer, train
+from pipeline.train import train
 from tests.pipeline.conftest import SMOKE, deep_update
 
 # The smoke run's tiny model, distilled, with its activations' noise ramped in over three
