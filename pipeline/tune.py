@@ -31,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
+from ray.tune import Callback
 
 from hitnet.language_model import CellType
 from pipeline.builders import (
@@ -228,10 +229,43 @@ def build_tuner(
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[] if parent_run_id is None else [trial_logger(params, cell, parent_run_id)],
+            callbacks=[TrialProgress(f"tune@{cell}", settings.epochs)]
+            + ([] if parent_run_id is None else [trial_logger(params, cell, parent_run_id)]),
             verbose=1,
         ),
     )
+
+
+class TrialProgress(Callback):
+    """One line per trial epoch, as the training stages print, and a failed attempt's cause:
+    the trials' own output stays in Ray's session folder (``log_to_driver=False``)."""
+
+    def __init__(self, name: str, epochs: int) -> None:
+        self.name, self.epochs = name, epochs
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+        print(
+            f"{self.name} trial {trial.trial_id} epoch {result['epoch']}/{self.epochs}  "
+            f"train_ppl {result['train_ppl']:.2f}  val_ppl {result['val_ppl']:.2f}",
+            flush=True,
+        )
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info):
+        print(f"{self.name} trial {trial.trial_id} failed: {_cause(trial)}; retrying", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info):
+        print(
+            f"{self.name} trial {trial.trial_id} failed for good: {_cause(trial)} "
+            f"(its traceback: {trial.error_file})",
+            flush=True,
+        )
+
+
+def _cause(trial: Any) -> str:
+    """The last line of a failed attempt's traceback, e.g. ``RuntimeError: ...``."""
+    path = trial.error_file
+    lines = Path(path).read_text().strip().splitlines() if path and Path(path).is_file() else []
+    return lines[-1] if lines else "no traceback recorded"
 
 
 def trial_logger(params: Params, cell: CellType, parent_run_id: str):

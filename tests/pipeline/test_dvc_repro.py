@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +37,9 @@ def test_make_repros_driver_runs_every_stage_records_everything_and_dvc_then_has
     driver = run_tool(project, sys.executable, "-m", "pipeline.repro", "--jobs", "3")
     for chatter in ("GPU available", "Tip:", "does not have many workers"):
         assert chatter not in driver.stdout + driver.stderr  # the libraries' noise stays out
+    # sweeps show their trials' epochs, and why an attempt failed (each fails once here)
+    assert re.search(r"\[tune@lstm\] tune@lstm trial \w+ epoch 2/2  train_ppl", driver.stdout)
+    assert "failed: RuntimeError: injected failure after epoch 1" in driver.stdout
     # the two FP models trained at once: the second started before the first ended
     lines = driver.stdout.splitlines()
     assert lines.index("repro: starting train_fp@gru") < min(
