@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
-from ray.tune import Callback
 
 from hitnet.language_model import CellType
 from pipeline.builders import (
@@ -153,6 +154,17 @@ def train_trial(
         trainer.fit(task, datamodule, ckpt_path=resume_from)
 
 
+def guard_local_ray() -> None:
+    """Gives a local Ray (no ``RAY_ADDRESS``) a random token, as a cluster has one: Ray 2.60's
+    servers listen on every interface, with no setting to bind them to loopback, and run
+    whatever code they are sent. Ray reads these variables when it is imported, so this
+    must run before; once Ray is loaded it changes nothing."""
+    if os.environ.get("RAY_ADDRESS") or "ray" in sys.modules:
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+
+
 def connect_ray() -> None:
     import ray
 
@@ -164,8 +176,8 @@ def connect_ray() -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
         # A new instance of this stage's own, never one someone else started (plain
-        # ray.init() joins the machine's latest). Its node address is loopback; Ray 2.60's
-        # servers still listen on every interface, with no setting to change that.
+        # ray.init() joins the machine's latest). Its node address is loopback, its servers
+        # listen on every interface: the stage guards them with a token (guard_local_ray).
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",
@@ -229,36 +241,38 @@ def build_tuner(
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[TrialProgress(f"tune@{cell}", settings.epochs)]
+            callbacks=[trial_progress(f"tune@{cell}", settings.epochs)]
             + ([] if parent_run_id is None else [trial_logger(params, cell, parent_run_id)]),
             verbose=1,
         ),
     )
 
 
-class TrialProgress(Callback):
-    """One line per trial epoch, as the training stages print, and a failed attempt's cause:
-    the trials' own output stays in Ray's session folder (``log_to_driver=False``)."""
+def trial_progress(name: str, epochs: int) -> Any:
+    """A Tune callback: one line per trial epoch, as the training stages print, and a failed
+    attempt's cause; the trials' own output stays in Ray's session folder
+    (``log_to_driver=False``)."""
+    from ray.tune import Callback  # imported here: Ray must not load before guard_local_ray
 
-    def __init__(self, name: str, epochs: int) -> None:
-        self.name, self.epochs = name, epochs
+    class TrialProgress(Callback):
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_):
+            print(
+                f"{name} trial {trial.trial_id} epoch {result['epoch']}/{epochs}  "
+                f"train_ppl {result['train_ppl']:.2f}  val_ppl {result['val_ppl']:.2f}",
+                flush=True,
+            )
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
-        print(
-            f"{self.name} trial {trial.trial_id} epoch {result['epoch']}/{self.epochs}  "
-            f"train_ppl {result['train_ppl']:.2f}  val_ppl {result['val_ppl']:.2f}",
-            flush=True,
-        )
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **_):
+            print(f"{name} trial {trial.trial_id} failed: {_cause(trial)}; retrying", flush=True)
 
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info):
-        print(f"{self.name} trial {trial.trial_id} failed: {_cause(trial)}; retrying", flush=True)
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **_):
+            print(
+                f"{name} trial {trial.trial_id} failed for good: {_cause(trial)} "
+                f"(its traceback: {trial.error_file})",
+                flush=True,
+            )
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info):
-        print(
-            f"{self.name} trial {trial.trial_id} failed for good: {_cause(trial)} "
-            f"(its traceback: {trial.error_file})",
-            flush=True,
-        )
+    return TrialProgress()
 
 
 def _cause(trial: Any) -> str:
@@ -381,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     init = args.init or Path("runs/fp") / args.cell / "model.ckpt"
+    guard_local_ray()
     sweep(params, args.cell, args.data, init, args.out or Path("runs/tune") / args.cell)
 
 

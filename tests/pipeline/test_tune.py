@@ -8,6 +8,7 @@ import re
 import secrets
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from ray import tune
 
 from pipeline.params import Params, ParamsError, parse_params
 from pipeline.tune import choose, search_space, starting_point, trial_params
+from tests.conftest import REPO_ROOT
 from tests.pipeline.conftest import make_smoke_project, run_tool, tool_env, write_params
 from tests.pipeline.services import (
     free_port,
@@ -283,3 +285,39 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
     assert len(rows) == 3 and all(row.endswith(",") for row in rows)  # no error column
     assert _ran_the_configured_setting(rows)
     assert processes_started_with(marker) == [], "this test's Ray processes left behind"
+
+
+@pytest.mark.slow
+def test_a_local_sweeps_ray_refuses_a_driver_without_its_token():
+    """Fault: a local sweep's Ray listens on every interface (Ray 2.60 cannot bind it to
+    loopback) and runs whatever code it is sent; the tune stage now guards it with a token."""
+    holder = (
+        "from pipeline.tune import connect_ray, guard_local_ray\n"
+        "guard_local_ray()\n"
+        "connect_ray()\n"
+        "import ray, time\n"
+        "print(ray.get_runtime_context().gcs_address, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    with own_ray(env) as env:
+        local = subprocess.Popen(
+            [sys.executable, "-c", holder],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        address = local.stdout.readline().strip()
+        stranger = subprocess.run(
+            [sys.executable, "-c", f"import ray; ray.init(address='{address}'); print('in')"],
+            env={key: value for key, value in env.items() if key != "RAY_TMPDIR"},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        local.kill()
+    assert re.fullmatch(r"[\d.]+:\d+", address), address
+    assert stranger.returncode != 0 and "in" not in stranger.stdout.splitlines()
+    assert "Authentication token is missing or incorrect" in stranger.stderr
