@@ -126,6 +126,7 @@ class StageRun:
         self._sending = threading.Lock()  # one sender at a time: no batch goes twice
         self._queue = threading.Lock()  # guards _pending: held for list edits only
         self._wake = threading.Event()
+        self._closed = False  # set when the run ends: the sender thread then stops
         self._sender = threading.Thread(target=self._send_in_background, daemon=True)
         self._sender.start()
         if run_id is not None:
@@ -191,7 +192,7 @@ class StageRun:
                     del self._pending[: len(chunk)]
 
     def _send_in_background(self) -> None:
-        while True:
+        while not self._closed:
             self._wake.wait()
             self._wake.clear()
             try:
@@ -224,11 +225,15 @@ class StageRun:
 
     def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
         """An exception marks the run FAILED (best effort) and goes on; success finishes it."""
-        if error_type is None:
-            self.finish()
-            return
-        with contextlib.suppress(Exception):
-            self.client.set_terminated(self.run_id, status="FAILED")
+        try:
+            if error_type is None:
+                self.finish()
+                return
+            with contextlib.suppress(Exception):
+                self.client.set_terminated(self.run_id, status="FAILED")
+        finally:
+            self._closed = True
+            self._wake.set()
 
 
 class UntrackedRun:

@@ -50,3 +50,26 @@ def test_the_training_seed_table_is_the_runs_files():
         values = [run[key] for run in runs]
         spread = f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
         assert _row(label)[:4] == [*(f"{value:.2f}" for value in values), spread]
+
+
+def test_the_wall_times_are_the_drivers_clock_stamps():
+    stamps = _metrics("h200/search12/timing.json")
+    fp = stamps["fp_done"] - stamps["start"]
+    ternary = stamps["ternary_lstm_done"] - stamps["fp_done"]
+    assert f"both FP models at once, {fp} s; three ternary LSTMs at" in README
+    assert f"once, 66 epochs, {ternary} s" in README
+
+
+def test_the_sweep_horizons_rank_correlation_is_the_benchs_table():
+    table = (RESULTS / "h100" / "horizon_rank.md").read_text(encoding="utf-8")
+
+    def row(k: int) -> list[str]:
+        # the first table: final = the run's best val, the figure README gives
+        line = next(line for line in table.splitlines() if line.startswith(f"| {k} |"))
+        return [cell.strip() for cell in line.strip("|").split("|")]
+
+    _, n_lstm, rho_lstm, n_gru, rho_gru, *_ = row(4)
+    assert f"Spearman rho {rho_lstm} (LSTM, {n_lstm} runs) and {rho_gru} (GRU, {n_gru} runs)" in (
+        " ".join(README.split())
+    )
+    assert f"at k = 1 the GRU's is {row(1)[4]}" in " ".join(README.split())

@@ -70,8 +70,8 @@ def kill(process: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def own_ray(env: dict[str, str]) -> Iterator[dict[str, str]]:
     """``env`` with a Ray temp folder of this test's own (``RAY_TMPDIR``); on exit, every
-    process started with it, and only those, is killed. `ray stop` would end every Ray
-    process on the machine, whoever started it."""
+    process started with it, and only those, is killed by PID: Ray processes that other
+    people started on this machine are left alone."""
     # short: Ray's socket paths under it must fit a Unix socket name (107 bytes)
     folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     try:

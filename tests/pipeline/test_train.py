@@ -30,6 +30,12 @@ TINY = deep_update(
 )
 
 
+def _fp_model(params: Params, ptb_dir: Path, tmp_path: Path) -> Path:
+    """A tiny FP LSTM trained by the stage, in tmp_path; its model.ckpt."""
+    train(params, "lstm", "fp", ptb_dir, tmp_path / "fp", work_root=tmp_path / "ck")
+    return tmp_path / "fp" / "model.ckpt"
+
+
 def test_distillation_without_an_fp_model_fails_before_any_work(tmp_path: Path, ptb_dir):
     params = Params.model_validate(TINY)
     with pytest.raises(ValueError, match=r"train_ternary@gru: distill_weight > 0 .*--init"):
@@ -43,14 +49,14 @@ def test_a_distilled_averaged_ternary_stage_starts_from_its_fp_model_and_saves_o
 ):
     monkeypatch.chdir(tmp_path)
     params = Params.model_validate(TINY)
-    train(params, "lstm", "fp", ptb_dir, tmp_path / "fp", work_root=tmp_path / "ck")
+    init = _fp_model(params, ptb_dir, tmp_path)
     metrics = train(
         params,
         "lstm",
         "ternary",
         ptb_dir,
         tmp_path / "ternary",
-        init_from=tmp_path / "fp" / "model.ckpt",
+        init_from=init,
         work_root=tmp_path / "ck",
     )
     assert metrics["epochs"] == SMOKE["train_ternary"]["epochs"] and torch.isfinite(
@@ -145,8 +151,7 @@ def test_an_fp_model_of_another_cell_is_named_as_the_wrong_init(
 ):
     monkeypatch.chdir(tmp_path)
     params = Params.model_validate(TINY)
-    train(params, "lstm", "fp", ptb_dir, tmp_path / "fp", work_root=tmp_path / "ck")
-    init = tmp_path / "fp" / "model.ckpt"
+    init = _fp_model(params, ptb_dir, tmp_path)
     with pytest.raises(ParamsError, match=rf"--init {init} is not this stage's FP model \(a gru"):
         train(params, "gru", "ternary", ptb_dir, tmp_path / "t", init_from=init, work_root="ck")
     assert not (tmp_path / "t").exists()

@@ -164,6 +164,17 @@ def fp_project(tmp_path_factory) -> Path:
     return project
 
 
+def _sweep(project: Path, env: dict[str, str], out: str) -> subprocess.CompletedProcess:
+    """The tune stage's command for the LSTM, as DVC runs it, into ``runs/<out>``."""
+    return subprocess.run(
+        ["python", "-m", "pipeline.tune", "lstm", "--out", f"runs/{out}"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
 def _started_trials(output: str) -> list[str]:
     return re.findall(r"Trial (train_trial_\w+) started", output)
 
@@ -198,13 +209,7 @@ def test_a_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(fp_
         driver.wait()
         stop_processes_started_with(f"RAY_TMPDIR={env['RAY_TMPDIR']}")  # its Ray, as a crash
 
-        rerun = subprocess.run(
-            ["python", "-m", "pipeline.tune", "lstm", "--out", "runs/tune-resume"],
-            cwd=fp_project,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        rerun = _sweep(fp_project, env, "tune-resume")
     output = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, output[-3000:]
     assert "restoring" in output
@@ -256,22 +261,10 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
                 ["ray", "status", f"--address={address}"], env=env, capture_output=True, text=True
             ).stdout
 
-        sweep = subprocess.run(
-            ["python", "-m", "pipeline.tune", "lstm", "--out", "runs/tune-cluster"],
-            cwd=fp_project,
-            env={**env, "RAY_ADDRESS": address},
-            capture_output=True,
-            text=True,
-        )
+        sweep = _sweep(fp_project, {**env, "RAY_ADDRESS": address}, "tune-cluster")
         # Without RAY_ADDRESS a sweep starts a Ray of its own, even with this cluster the
         # machine's latest (fault: plain ray.init() joined whatever cluster ran last).
-        alone = subprocess.run(
-            ["python", "-m", "pipeline.tune", "lstm", "--out", "runs/tune-alone"],
-            cwd=fp_project,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        alone = _sweep(fp_project, env, "tune-alone")
         marker = f"RAY_TMPDIR={env['RAY_TMPDIR']}"
     alone_output = alone.stdout + alone.stderr
     assert alone.returncode == 0, alone_output[-3000:]
