@@ -74,7 +74,8 @@ def test_stage_run_records_params_tags_and_per_epoch_metrics(sqlite_uri):
 def test_a_resumed_run_does_not_log_a_replayed_epoch_twice(sqlite_uri):
     first = StageRun("exp", "train_fp@gru", {})
     first.log_metrics({"val_ppl": 120.0}, step=1)
-    first.log_metrics({"val_ppl": 110.0}, step=2)  # logged, then killed before its checkpoint
+    first.log_metrics({"val_ppl": 110.0}, step=2)
+    first.flush()  # epoch 2 reached the server, then the stage was killed before its checkpoint
     resumed = StageRun("exp", "train_fp@gru", {}, run_id=first.run_id)
     resumed.log_metrics({"val_ppl": 110.0}, step=2)  # the replayed epoch
     resumed.log_metrics({"val_ppl": 100.0}, step=3)
