@@ -8,13 +8,11 @@ resumed run starts its next epoch exactly as an uninterrupted one. Checkpoints a
 RNG states, so a resumed run draws the same dropout masks and BTQ noise.
 
 Optionally the loss also distils from a frozen teacher (the full-precision model a ternary one
-starts from): its softmax is a second, soft target (``set_teacher``). And from epoch
-``average_from_epoch`` on it trains as averaged SGD: the lr stays where it is, and the
-running mean of the weights over every step (``hitnet.averaging``) is what validation
-measures and checkpoints save as the model. With ``activation_warmup_steps`` the
-activations' quantization noise comes in linearly over the first that many optimizer steps
-(``hitnet.quantizers.set_activation_noise``); the level follows ``global_step``, so a resumed
-run goes on where it stopped.
+starts from): its softmax is a second, soft target (``set_teacher``). Two more parts come as
+callbacks the task brings along (``configure_callbacks``): from epoch ``average_from_epoch`` on,
+averaged SGD (``hitnet.averaging``: the lr stays where it is, and the running mean of the
+weights is what validation measures and checkpoints save); and with ``activation_warmup_steps``,
+the activations' quantization noise coming in over the first steps (``hitnet.warmup``).
 """
 
 from __future__ import annotations
@@ -25,13 +23,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from hitnet.averaging import WeightAverage
+from hitnet.averaging import AveragedSGD
 from hitnet.language_model import ModelConfig, RecurrentState, RNNLanguageModel, detach_state
-from hitnet.quantizers import set_activation_noise
+from hitnet.warmup import ActivationWarmup
 
 SPLIT_METRIC = {"train": "train_ppl", "val": "val_ppl", "test": "test_ppl"}
 # exp() of a mean NLL above this overflows float64: a diverged run, not a perplexity
@@ -81,10 +80,12 @@ class LanguageModelTask(pl.LightningModule):
             or sorted(set(lr_milestones)) != lr_milestones
         ):
             raise ValueError(f"lr_milestones must be increasing epochs >= 1, got {lr_milestones}")
-        if average_from_epoch is not None and average_from_epoch < 1:
-            raise ValueError(f"average_from_epoch counts from 1, got {average_from_epoch}")
-        if activation_warmup_steps < 0:
-            raise ValueError(f"activation_warmup_steps must be >= 0, got {activation_warmup_steps}")
+        # the parts that come as callbacks, built (and so checked) now
+        self._parts: list[Callback] = []
+        if average_from_epoch is not None:
+            self._parts.append(AveragedSGD(average_from_epoch))
+        if activation_warmup_steps:  # a negative count is refused by ActivationWarmup
+            self._parts.append(ActivationWarmup(activation_warmup_steps))
         self.save_hyperparameters(
             {
                 "model": config.to_dict(),
@@ -108,8 +109,6 @@ class LanguageModelTask(pl.LightningModule):
         self._resumed_rng: dict[str, Any] | None = None
         self._resumed_schedule: dict[str, Any] | None = None
         self._distillation: Distillation | None = None
-        self._average: WeightAverage | None = None
-        self._resumed_average: dict[str, Any] | None = None
 
     def set_teacher(self, teacher: RNNLanguageModel) -> None:
         """Distils from ``teacher`` (the full-precision model) while training.
@@ -121,6 +120,14 @@ class LanguageModelTask(pl.LightningModule):
         if self.hparams.distill_weight == 0:
             raise ValueError("set_teacher needs distill_weight > 0")
         self._distillation = Distillation(teacher, self.hparams.distill_temperature)
+
+    def configure_callbacks(self) -> list[Callback]:
+        return self._parts
+
+    def _averaging(self) -> bool:
+        """True from the epoch averaged SGD starts: the lr then stays where it is."""
+        start = self.hparams.average_from_epoch
+        return start is not None and self.current_epoch + 1 >= start
 
     # --- shared by train / val / test -------------------------------------------------
     def _start_epoch(self, seeded: bool) -> None:
@@ -164,19 +171,11 @@ class LanguageModelTask(pl.LightningModule):
             # a resumed epoch draw from the RNG, which the uninterrupted run never did.
             _set_rng_state(self._resumed_rng)
             self._resumed_rng = None
-        if self._resumed_average is not None:
-            self._restore_average(self._resumed_average)
-            self._resumed_average = None
         self._start_epoch(seeded=False)
         if self._distillation is not None:
             self._distillation.start_epoch(self.device)
         # The lr this epoch trains with (the plateau step after validation changes it).
         self._epoch_lr = self.optimizers().param_groups[0]["lr"]
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        warmup = self.hparams.activation_warmup_steps
-        if warmup:  # step k trains with (k + 1) / warmup of the noise; from k = warmup - 1 all
-            set_activation_noise(self.model, min(1.0, (self.global_step + 1) / warmup))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, logits = self._window_loss(batch)  # train_ppl stays the plain cross-entropy
@@ -185,15 +184,6 @@ class LanguageModelTask(pl.LightningModule):
             return loss
         weight = self.hparams.distill_weight
         return (1 - weight) * loss + weight * self._distillation.loss(batch[0], logits)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        start = self.hparams.average_from_epoch
-        if start is None or self.current_epoch + 1 < start:
-            return
-        if self._average is None:  # the first step of epoch ``start``
-            self._average = WeightAverage(self.model)
-        else:
-            self._average.update()
 
     def on_train_epoch_end(self) -> None:
         self._log_perplexity("train")
@@ -204,8 +194,6 @@ class LanguageModelTask(pl.LightningModule):
         # Validation runs before on_train_epoch_end: keep training's accumulators aside.
         self._train_snapshot = (self._state, self._nll_sum, self._token_count)
         self._start_epoch(seeded=True)
-        if self._average is not None:  # validate the averaged weights
-            self._average.swap()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._window_loss(batch)
@@ -213,14 +201,12 @@ class LanguageModelTask(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         val_ppl = self._log_perplexity("val")
         fitting = self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
-        if fitting and self._average is None:  # averaged SGD keeps its lr constant
+        if fitting and not self._averaging():
             if isinstance(self.lr_schedule, ReduceLROnPlateau):
                 self.lr_schedule.step(val_ppl)
             else:  # fixed milestones: blind to the noise of a ternary model's val curve
                 self.lr_schedule.step()
         self._state, self._nll_sum, self._token_count = self._train_snapshot
-        if self._average is not None:  # back to the weights training goes on from
-            self._average.swap()
 
     def on_test_epoch_start(self) -> None:
         self._start_epoch(seeded=True)
@@ -263,28 +249,12 @@ class LanguageModelTask(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hitnet_rng"] = _get_rng_state()
         checkpoint["hitnet_lr_schedule"] = self.lr_schedule.state_dict()
-        if self._average is not None:
-            # The saved model is the averaged one (what val_ppl measured, what test and the
-            # report load); the weights training goes on from ride along for resuming.
-            mean, training = self._average.state()
-            for name, value in mean.items():
-                checkpoint["state_dict"][f"model.{name}"] = value
-            checkpoint["hitnet_average"] = {"count": self._average.count, "training": training}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # All are applied later: the optimizer does not exist yet, the weights are loaded
-        # after this hook, and see on_train_epoch_start.
+        # Both are applied later: the optimizer does not exist yet, and see
+        # on_train_epoch_start.
         self._resumed_rng = checkpoint.get("hitnet_rng")
         self._resumed_schedule = checkpoint.get("hitnet_lr_schedule")
-        self._resumed_average = checkpoint.get("hitnet_average")
-
-    def _restore_average(self, saved: dict[str, Any]) -> None:
-        """Resuming: the loaded weights are the mean; training goes on from its own."""
-        mean = {name: p.detach().clone() for name, p in self.model.named_parameters()}
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(saved["training"][name])
-        self._average = WeightAverage(self.model, saved["count"], mean)
 
 
 class Distillation:

@@ -170,7 +170,7 @@ def export_model(checkpoint: Path, destination: Path) -> None:
     callbacks' states, which hold absolute paths: the same model is the same bytes in every
     clone, so DVC sees one hash."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    for training_only in ("hitnet_average", "callbacks"):
+    for training_only in ("current_model_state", "averaging_state", "callbacks"):
         saved.pop(training_only, None)
     torch.save(saved, destination)
 

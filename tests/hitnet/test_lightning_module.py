@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
+from hitnet.averaging import AveragedSGD
 from hitnet.data import PTBDataModule
 from hitnet.language_model import ModelConfig
 from hitnet.lightning_module import Distillation, LanguageModelTask, TrainingDiverged
@@ -191,8 +192,9 @@ class _SaveWhileValidating(Callback):
         self.saw_mean_applied = False
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if pl_module._average is not None:
-            self.saw_mean_applied = pl_module._average.applied
+        (averaging,) = [c for c in trainer.callbacks if isinstance(c, AveragedSGD)]
+        if averaging.started:
+            self.saw_mean_applied = averaging._swapped
             trainer.save_checkpoint(self.path)
 
 
@@ -214,12 +216,14 @@ def test_averaging_validates_and_saves_the_mean_of_every_step_from_its_epoch(sma
     second_epoch = [weights for epoch, weights in record.after_step if epoch == 1]
     last = second_epoch[-1]
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert saved["hitnet_average"]["count"] == len(second_epoch) == 4
+    assert saved["averaging_state"]["n_averaged"] == len(second_epoch) == 4
     for name, trained in last.items():
         mean = torch.stack([weights[name] for weights in second_epoch]).mean(0)
-        assert torch.allclose(saved["state_dict"][f"model.{name}"], mean, atol=1e-6)
-        assert torch.equal(saved["hitnet_average"]["training"][name], trained)
-        assert torch.equal(dict(task.model.named_parameters())[name], trained)  # swapped back
+        key = f"model.{name}"
+        assert torch.allclose(saved["state_dict"][key], mean, atol=1e-6)
+        assert torch.equal(saved["current_model_state"][key], trained)
+        # after training the module is the averaged model
+        assert torch.equal(dict(task.model.named_parameters())[name], saved["state_dict"][key])
     assert not torch.allclose(saved["state_dict"]["model.decoder.weight"], last["decoder.weight"])
     assert task.lr_schedule.last_epoch == 1  # stepped after epoch 1 only: averaged SGD keeps its lr
     # A checkpoint taken while the mean is swapped in holds the same model and training weights.
@@ -228,12 +232,34 @@ def test_averaging_validates_and_saves_the_mean_of_every_step_from_its_epoch(sma
     for name in last:
         key = f"model.{name}"
         assert torch.equal(also["state_dict"][key], saved["state_dict"][key])
-        assert torch.equal(also["hitnet_average"]["training"][name], last[name])
+        assert torch.equal(also["current_model_state"][key], last[name])
 
     # The checkpoint's model is the one validation measured: loaded alone, it scores the same.
     loaded = LanguageModelTask.load_from_checkpoint(tmp_path / "last.ckpt")
     (validated,) = _trainer(limit_val_batches=2).validate(loaded, small_ptb, verbose=False)
     assert validated["val_ppl"] == pytest.approx(averaged_val_ppl, rel=1e-6)
+
+
+def test_averaging_before_its_first_epoch_leaves_the_model_and_checkpoint_alone(
+    small_ptb, tmp_path
+):
+    pl.seed_everything(0)
+    task = _task(small_ptb.vocab_size, TERNARY, average_from_epoch=3)
+    trainer = _trainer(
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
+    trainer.fit(task, small_ptb)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert "averaging_state" not in saved and "current_model_state" not in saved
+    for name, p in task.model.named_parameters():
+        assert torch.equal(saved["state_dict"][f"model.{name}"], p)
+    assert task.lr_schedule.last_epoch == 2  # not averaging yet: the plateau rule stepped
+    with pytest.raises(ValueError, match="average_from_epoch counts from 1, got 0"):
+        _task(20, average_from_epoch=0)
 
 
 class _RecordNoiseLevels(Callback):

@@ -65,7 +65,7 @@ def test_a_distilled_averaged_ternary_stage_starts_from_its_fp_model_and_saves_o
 
     fp = torch.load(tmp_path / "fp" / "model.ckpt", weights_only=True)["state_dict"]
     saved = torch.load(tmp_path / "ternary" / "model.ckpt", weights_only=True)
-    assert "hitnet_average" not in saved  # the averaged model only, not the training weights
+    assert "current_model_state" not in saved  # the averaged model only, not the training weights
     ternary = saved["state_dict"]
     assert ternary.keys() == fp.keys()  # the teacher is not saved with the model
     assert not torch.equal(
