@@ -8,7 +8,8 @@ validation and checkpoints it as the model, with the training weights beside it.
 not do is added here, because averaging starts late in the run: until the first step is
 averaged, its "mean" is only the copy taken at set-up, so the model is left alone (no swap, no
 save, no copy at the end); a checkpoint taken while the mean is swapped in still saves the mean
-as the model; and loading a checkpoint to test, where there is no mean, is not warned about.
+as the model; and a checkpoint loaded to test is tested as saved, the mean (Lightning puts the
+training weights back whenever it loads one), without a warning.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.trainer.states import TrainerFn
 
 
 class AveragedSGD(WeightAveraging):
@@ -74,5 +76,7 @@ class AveragedSGD(WeightAveraging):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self._average_model is not None and "averaging_state" in checkpoint:
+        # Only to go on training: a checkpoint loaded to test or validate is its model, the mean.
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._average_model is not None and "averaging_state" in checkpoint:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)

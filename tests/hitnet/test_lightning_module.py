@@ -207,6 +207,7 @@ def test_averaging_validates_and_saves_the_mean_of_every_step_from_its_epoch(sma
         max_epochs=2,
         limit_train_batches=4,
         limit_val_batches=2,
+        limit_test_batches=2,
         enable_checkpointing=True,
         callbacks=[record, during, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
     )
@@ -238,6 +239,10 @@ def test_averaging_validates_and_saves_the_mean_of_every_step_from_its_epoch(sma
     loaded = LanguageModelTask.load_from_checkpoint(tmp_path / "last.ckpt")
     (validated,) = _trainer(limit_val_batches=2).validate(loaded, small_ptb, verbose=False)
     assert validated["val_ppl"] == pytest.approx(averaged_val_ppl, rel=1e-6)
+    # And the training Trainer tests that checkpoint as saved: the mean.
+    (tested,) = trainer.test(task, small_ptb, ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    (alone,) = _trainer(limit_test_batches=2).test(loaded, small_ptb, verbose=False)
+    assert tested["test_ppl"] == pytest.approx(alone["test_ppl"], rel=1e-6)
 
 
 def test_averaging_before_its_first_epoch_leaves_the_model_and_checkpoint_alone(
