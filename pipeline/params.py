@@ -247,6 +247,8 @@ class ReportParams(Section):
 class TrackingParams(Section):
     enabled: bool = True  # false: no MLflow at all (metrics still go to DVC's files)
     experiment: Annotated[str, Field(min_length=1)] = "hitnet-ptb"
+    # seconds between samples of CPU, memory and GPU use (MLflow's system metrics); null: off
+    system_metrics_interval_s: PositiveFloat | None = 10.0
 
 
 class Params(Section):

@@ -27,6 +27,7 @@ from hitnet.quantizers import BTQEvalMode
 from pipeline.builders import compile_as_configured, datamodule_for, model_dir
 from pipeline.cli import run_command
 from pipeline.history import read_history
+from pipeline.model_registry import registered_name
 from pipeline.params import Params, load_params
 from pipeline.tracking import stage_run
 
@@ -222,6 +223,11 @@ def evaluate_models(params: Params, runs_dir: Path, data_dir: Path) -> tuple[dic
     return results, histories
 
 
+def validation_ppl(folder: Path) -> float:
+    """A trained model's best validation perplexity, from its stage's metrics.json."""
+    return float(json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["val_ppl"])
+
+
 def report(params: Params, runs_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     used = params.model_dump(include={"cells", "training_seeds", "report", "hardware"})
     with stage_run(params.tracking, "report", used) as run:
@@ -238,6 +244,13 @@ def report(params: Params, runs_dir: Path, data_dir: Path, out_dir: Path) -> dic
         )
         plot(histories, results, out_dir / "curves.png")
         run.log_metrics(flat_metrics(results), step=0)
+        for cell in params.cells:  # the registry's `best`: lowest validation perplexity
+            for kind, seeds in (("fp", [None]), ("ternary", params.training_seeds)):
+                folders = [model_dir(kind, cell, seed, runs_dir) for seed in seeds]
+                run.set_best(
+                    registered_name(kind, cell),
+                    {folder / "model.ckpt": validation_ppl(folder) for folder in folders},
+                )
         for name in ("README.md", "metrics.json", "curves.png"):
             run.log_artifact(out_dir / name, "report")
     print(table, flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import getpass
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.model_registry import log_registered_model, set_best
 from pipeline.params import TrackingParams
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -113,6 +115,7 @@ class StageRun:
         run_id: str | None = None,
         parent_run_id: str | None = None,
         run_name: str | None = None,
+        system_metrics_interval_s: float | None = None,
     ) -> None:
         from mlflow import MlflowClient  # here: an untracked run never needs mlflow installed
 
@@ -129,15 +132,34 @@ class StageRun:
         self._closed = False  # set when the run ends: the sender thread then stops
         self._sender = threading.Thread(target=self._send_in_background, daemon=True)
         self._sender.start()
+        self._system_metrics = None
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             self._logged = self._logged_steps()
-            return
+        else:
+            self._create_run(experiment, stage, params, parent_run_id, run_name)
+        if system_metrics_interval_s is not None:
+            self._start_system_metrics(system_metrics_interval_s, resumed=run_id is not None)
+
+    def _create_run(
+        self,
+        experiment: str,
+        stage: str,
+        params: Mapping[str, Any],
+        parent_run_id: str | None,
+        run_name: str | None,
+    ) -> None:
+        commit = git_commit()
         tags = {
             "dvc.stage": stage,
-            "git.commit": git_commit(),
+            "git.commit": commit,
             "params.hash": params_hash(params),
+            # what the MLflow UI shows in its User and Source columns
+            "mlflow.user": getpass.getuser(),
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": f"dvc repro {stage}",
+            "mlflow.source.git.commit": commit,
         }
         if parent_run_id is not None:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -150,6 +172,19 @@ class StageRun:
         flat = [Param(key, value) for key, value in flatten(params).items()]
         for start in range(0, len(flat), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=flat[start : start + 100])
+
+    def _start_system_metrics(self, interval_s: float, resumed: bool) -> None:
+        """CPU, memory and (with nvidia-ml-py) GPU use, sampled by MLflow's own monitor in
+        a thread of its own, as the run's ``system/...`` metrics."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_metrics = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=interval_s,
+            resume_logging=resumed,
+            tracking_uri=self.uri,
+        )
+        self._system_metrics.start()
 
     def _experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
@@ -216,6 +251,28 @@ class StageRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_dataset(self, files: Mapping[str, Path]) -> None:
+        """The data as the run's inputs, one per split ({context: file}), with their sha256."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for context, path in files.items():
+            sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            source = LocalArtifactDatasetSource(Path(path).resolve().as_uri())
+            # MLflow keeps at most 36 characters of a digest: the whole sha256 goes in a tag
+            dataset = MetaDataset(source, name=Path(path).name, digest=sha[:32])
+            tags = [InputTag("mlflow.data.context", context), InputTag("sha256", sha)]
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_registered_model(self, checkpoint: Path, name: str, tags: Mapping[str, str]) -> str:
+        return log_registered_model(self.uri, self.run_id, checkpoint, name, tags)
+
+    def set_best(self, name: str, val_ppl_by_checkpoint: Mapping[Path, float]) -> str:
+        return set_best(self.uri, name, val_ppl_by_checkpoint)
+
     def finish(self) -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status="FINISHED")
@@ -234,6 +291,8 @@ class StageRun:
         finally:
             self._closed = True
             self._wake.set()
+            if self._system_metrics is not None:
+                self._system_metrics.finish()
 
 
 class UntrackedRun:
@@ -245,6 +304,15 @@ class UntrackedRun:
         pass
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dataset(self, files: Mapping[str, Path]) -> None:
+        pass
+
+    def log_registered_model(self, checkpoint: Path, name: str, tags: Mapping[str, str]) -> None:
+        pass
+
+    def set_best(self, name: str, val_ppl_by_checkpoint: Mapping[Path, float]) -> None:
         pass
 
     def flush(self) -> None:
@@ -265,7 +333,13 @@ def stage_run(
 ) -> StageRun | UntrackedRun:
     if not tracking.enabled:
         return UntrackedRun()
-    return StageRun(tracking.experiment, stage, params, run_id=run_id)
+    return StageRun(
+        tracking.experiment,
+        stage,
+        params,
+        run_id=run_id,
+        system_metrics_interval_s=tracking.system_metrics_interval_s,
+    )
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from hitnet.data import SPLIT_FILES
 from hitnet.language_model import CellType
 from pipeline.builders import (
     Kind,
@@ -34,6 +35,7 @@ from pipeline.builders import (
 )
 from pipeline.cli import run_command
 from pipeline.history import EpochHistory, read_history
+from pipeline.model_registry import registered_name
 from pipeline.params import (
     Params,
     ParamsError,
@@ -89,6 +91,8 @@ def train(
     ) as run:
         if resuming:
             print(f"{name}: resuming from {last} (MLflow run {run.run_id})", flush=True)
+        else:
+            run.log_dataset({split: Path(data_dir) / f for split, f in SPLIT_FILES.items()})
         metrics = _fit_and_test(
             params,
             cell,
@@ -108,8 +112,19 @@ def train(
             run.log_metrics(row, step=epoch)
         run.log_metrics({"test_ppl": metrics["test_ppl"]}, step=metrics["epochs"])
         run.flush()  # a server still down: an error naming it; the checkpoints stay
-        for artifact in ("metrics.json", "history.csv", "model.ckpt"):
+        for artifact in ("metrics.json", "history.csv"):
             run.log_artifact(Path(out_dir) / artifact)
+        run.log_registered_model(
+            Path(out_dir) / "model.ckpt",
+            registered_name(kind, cell),
+            {
+                "seed": str(params.seed),
+                "btq_eval": "rounded",  # how the served model evaluates (served_model.py)
+                "val_ppl": f"{metrics['val_ppl']:.4f}",
+                "test_ppl": f"{metrics['test_ppl']:.4f}",
+                "dvc.stage": name,
+            },
+        )
     # Only a finished and recorded run lets go of its checkpoints.
     shutil.rmtree(work_dir, ignore_errors=True)
     print(f"{name}: test_ppl {metrics['test_ppl']:.2f} (best val_ppl {metrics['val_ppl']:.2f})")

@@ -72,3 +72,10 @@ def make_smoke_project(project: Path) -> Path:
 @pytest.fixture
 def smoke_project(tmp_path: Path) -> Path:
     return make_smoke_project(tmp_path / "project")
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

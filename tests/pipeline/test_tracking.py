@@ -6,7 +6,6 @@ import base64
 import http.server
 import socket
 import threading
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -22,13 +21,6 @@ from pipeline.tracking import (
     tracking_uri,
 )
 from pipeline.train import train
-
-
-@pytest.fixture
-def sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 def _closed_port() -> int:
