@@ -6,6 +6,7 @@ folders live. One module, so that no stage imports another.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -52,19 +53,15 @@ def datamodule_for(params: Params, data_dir: Path) -> PTBDataModule:
 
 
 def build_task(params: Params, cell: CellType, kind: Kind, vocab_size: int) -> LanguageModelTask:
+    """The task with the recipe's values for every argument of ``LanguageModelTask`` it has."""
     recipe = params.recipe(kind, cell)
+    arguments = set(inspect.signature(LanguageModelTask).parameters) & set(
+        type(recipe).model_fields
+    )
     return LanguageModelTask(
         params.build_model_config(cell, vocab_size, ternary=kind == "ternary"),
-        lr=recipe.lr,
-        lr_decay=recipe.lr_decay,
-        lr_patience=recipe.lr_patience,
-        lr_threshold=recipe.lr_threshold,
-        lr_milestones=recipe.lr_milestones,
         eval_seed=params.seed,
-        distill_weight=recipe.distill_weight,
-        distill_temperature=recipe.distill_temperature,
-        average_from_epoch=recipe.average_from_epoch,
-        activation_warmup_steps=recipe.activation_warmup_steps,
+        **recipe.model_dump(include=arguments),
     )
 
 

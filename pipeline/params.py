@@ -6,6 +6,7 @@ that names the dotted key and what was expected.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -110,18 +111,9 @@ class QuantParams(CellSpecific):
     per_cell: dict[CellType, QuantOverride] = {}
 
     def to_config(self) -> QuantConfig:
-        return QuantConfig(
-            weight=self.weight,
-            activation=self.activation,
-            activations=frozenset(self.activations),
-            ttq_threshold=self.ttq_threshold,
-            ttq_scaled=self.ttq_scaled,
-            ttq_per_row=self.ttq_per_row,
-            uq_bits=self.uq_bits,
-            btq_eval=self.btq_eval,
-            gru_accumulator=self.gru_accumulator,
-            slope_gradient=self.slope_gradient,
-        )
+        """The library's config: every field of ``QuantConfig``, by name, from this section."""
+        names = {field.name for field in dataclasses.fields(QuantConfig)}
+        return QuantConfig(**self.model_dump(include=names))
 
 
 class RecipeOverride(Section):

@@ -507,3 +507,18 @@ def test_a_sweeps_best_json_is_checked_as_params_yaml_is(
     path.write_text(json.dumps({**BEST, **changes}))
     with pytest.raises(ParamsError, match=rf"best.json is invalid:\n  {expected}"):
         load_searched(path)
+
+
+def test_every_library_config_field_is_set_from_params_yaml():
+    """The library's configs are filled by name: a field params.yaml lacks would silently
+    keep the library's default."""
+    import dataclasses
+    import inspect
+
+    from hitnet.lightning_module import LanguageModelTask
+    from hitnet.quantizers import QuantConfig
+    from pipeline.params import QuantParams, TrainParams
+
+    assert {f.name for f in dataclasses.fields(QuantConfig)} <= set(QuantParams.model_fields)
+    task_arguments = set(inspect.signature(LanguageModelTask).parameters) - {"model", "eval_seed"}
+    assert task_arguments <= set(TrainParams.model_fields)
