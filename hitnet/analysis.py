@@ -134,7 +134,8 @@ class ActivationRecorder:
 
     def __enter__(self) -> ActivationRecorder:
         layer = self.recurrent
-        self._restore = (layer.fused_full_precision, layer.compile_mode)
+        # The compiled function itself is kept: a new one would compile again on a GPU.
+        self._restore = (layer.fused_full_precision, layer.compile_mode, layer._run_layer)
         layer.fused_full_precision = False
         layer.compile_recurrence(None)
         for group, name in QUANTIZER_OF.items():
@@ -150,10 +151,8 @@ class ActivationRecorder:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        fused, mode = self._restore
-        self.recurrent.fused_full_precision = fused
-        if mode is not None:
-            self.recurrent.compile_recurrence(mode)
+        layer = self.recurrent
+        layer.fused_full_precision, layer.compile_mode, layer._run_layer = self._restore
 
 
 def record_activations(

@@ -193,7 +193,9 @@ def test_the_recorder_sees_a_ternary_models_activations_before_quantization():
 def test_the_recorder_restores_a_compiled_recurrence_and_removes_its_hooks():
     model = _model("gru", QuantConfig(weight="ttq", activation="btq"))
     model.recurrent.compile_recurrence("default")
+    compiled = model.recurrent._run_layer
     with ActivationRecorder(model, CONFIG, 5, 0.1):
         assert model.recurrent.compile_mode is None
     assert model.recurrent.compile_mode == "default"
+    assert model.recurrent._run_layer is compiled  # the same one: nothing to compile again
     assert not model.recurrent.hidden_quantizer._forward_hooks
