@@ -109,7 +109,8 @@ class QuantConfig:
     recurrent matmul and the decoder. With gates and candidate ternary that memory is itself
     ternary, so only configurations that leave one of them full precision see a difference.
     ``slope_gradient``: ``unit`` backpropagates through sloped activations as if the slopes
-    were 1 (see ``hitnet.recurrent.sloped``).
+    were 1 (see ``hitnet.recurrent.sloped``). ``weight="btq"`` exists for the quantizer study
+    (see ``WeightQuantizer``); HitNet's weights take TTQ.
     """
 
     weight: QuantizerName = "none"
@@ -134,8 +135,6 @@ class QuantConfig:
         for name in (self.weight, self.activation):
             if name not in ("none", "ttq", "btq", "uq"):
                 raise ValueError(f"unknown quantizer {name!r}; expected none, ttq, btq or uq")
-        if self.weight == "btq":
-            raise ValueError("BTQ is an activation quantizer; weights take ttq, uq or none")
         if not (math.isfinite(self.ttq_threshold) and self.ttq_threshold >= 0.0):
             raise ValueError(f"ttq_threshold must be finite and >= 0, got {self.ttq_threshold}")
         if self.uq_bits < 1:
@@ -159,7 +158,12 @@ class QuantConfig:
 
 
 class WeightQuantizer(nn.Module):
-    """Quantizes a full-precision shadow weight matrix (identity when ``kind`` is none)."""
+    """Quantizes a full-precision shadow weight matrix (identity when ``kind`` is none).
+
+    BTQ on weights, as UQ, works on the weights clipped to [-1, 1], unscaled; its draws come
+    from torch's global RNG, one per forward pass, in evaluation too (rounded, every weight
+    under 0.5 in magnitude would be 0).
+    """
 
     def __init__(self, config: QuantConfig) -> None:
         super().__init__()
@@ -173,6 +177,8 @@ class WeightQuantizer(nn.Module):
             )
         if config.weight == "uq":
             return quantize_uniform(weight, config.uq_bits)
+        if config.weight == "btq":
+            return ternarize_bernoulli(weight.clamp(-1.0, 1.0))
         return weight
 
 

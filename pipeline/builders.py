@@ -110,3 +110,14 @@ def build_trainer(
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
     )
+
+
+def evaluation_trainer(params: Params, limit_batches: int | None) -> pl.Trainer:
+    """A Trainer that only tests (a model's test perplexity), on params' hardware."""
+    return pl.Trainer(
+        **params.hardware.trainer_kwargs(),
+        limit_test_batches=limit_batches,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )

@@ -93,7 +93,7 @@ class QuantOverride(Section):
 
 
 class QuantParams(CellSpecific):
-    weight: Literal["none", "ttq", "uq"] = "ttq"
+    weight: Literal["none", "ttq", "btq", "uq"] = "ttq"  # btq: the study's comparison
     activation: Literal["none", "btq", "ttq", "uq"] = "btq"
     activations: list[Literal["gates", "candidate", "hidden"]] = sorted(ACTIVATION_GROUPS)
     ttq_threshold: TTQThreshold = 0.7
@@ -236,6 +236,27 @@ class ReportParams(Section):
     eval_seeds: Annotated[list[NonNegativeInt], Field(min_length=1)] = [0, 1, 2, 3, 4]
 
 
+class StudyParams(Section):
+    """The quantizer study (`study@cell`), from the FP model: every row's quantization-aware
+    fine-tune is train_ternary's recipe for the cell, cut to ``epochs`` epochs."""
+
+    epochs: PositiveInt = 3
+    # sloping factors of the ablation (lambda_sigma = lambda_tanh = each value)
+    lambdas: Annotated[list[PositiveFloat], Field(min_length=1)] = [1.0, 1.5, 2.0, 3.0, 4.0]
+    record_batches: PositiveInt = 20  # validation batches whose activations are recorded
+    histogram_bins: Annotated[int, Field(ge=2)] = 80
+    # an activation counts as polarized within this distance of -1, 0 or 1
+    polarized_within: Annotated[float, Field(gt=0, le=0.5)] = 0.1
+    limit_train_batches: PositiveInt | None = None  # smoke runs: batches per fine-tune epoch
+    limit_eval_batches: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _lambdas_are_distinct(self) -> StudyParams:
+        if len(set(self.lambdas)) != len(self.lambdas):
+            raise ValueError(f"study.lambdas must be distinct, got {self.lambdas}")
+        return self
+
+
 class TrackingParams(Section):
     enabled: bool = True  # false: no MLflow at all (metrics still go to DVC's files)
     experiment: Annotated[str, Field(min_length=1)] = "hitnet-ptb"
@@ -258,6 +279,7 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     report: ReportParams = ReportParams()
     tune: TuneParams = TuneParams()
+    study: StudyParams = StudyParams()
 
     @model_validator(mode="after")
     def _tie_needs_equal_sizes(self) -> Params:

@@ -20,22 +20,17 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers or CI
 import matplotlib.pyplot as plt
-import pytorch_lightning as pl
 
 from hitnet.lightning_module import LanguageModelTask
 from hitnet.quantizers import BTQEvalMode
-from pipeline.builders import compile_as_configured, datamodule_for, model_dir
+from pipeline.builders import compile_as_configured, datamodule_for, evaluation_trainer, model_dir
 from pipeline.cli import run_command
 from pipeline.history import read_history
 from pipeline.model_registry import registered_name
+from pipeline.paper import PAPER
 from pipeline.params import Params, load_params
 from pipeline.tracking import stage_run
 
-# HitNet (NeurIPS 2018), PTB test perplexity per word, 1x300 (../shared/HITNET.md).
-PAPER = {
-    "lstm": {"fp": 97.2, "ternary": 110.3, "previous_ternary": 126.0},
-    "gru": {"fp": 102.7, "ternary": 113.5, "previous_ternary": 142.0},
-}
 KINDS = ("fp", "ternary")
 
 
@@ -64,13 +59,7 @@ def test_perplexities(
     quant = task.model.config.quant
     stochastic = quant.needs_noise and quant.btq_eval == "stochastic"
     seeds = params.report.eval_seeds if stochastic else params.report.eval_seeds[:1]
-    trainer = pl.Trainer(
-        **params.hardware.trainer_kwargs(),
-        limit_test_batches=limit_batches,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = evaluation_trainer(params, limit_batches)
     datamodule = datamodule_for(params, data_dir)
     results = []
     for seed in seeds:

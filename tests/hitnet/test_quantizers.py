@@ -189,6 +189,32 @@ def test_quantizer_modules_follow_the_config():
 
 
 @settings(max_examples=40, deadline=None)
+@given(seed=seeds, shape=shapes, scale=st.floats(0.01, 3.0))
+def test_btq_of_weights_is_ternary_unbiased_on_the_clipped_weights_and_drawn_in_eval(
+    seed, shape, scale
+):
+    w = _weights(seed, shape, scale).requires_grad_()
+    quantizer = WeightQuantizer(QuantConfig(weight="btq", btq_eval="deterministic")).eval()
+    torch.manual_seed(seed)
+    q = quantizer(w)
+    assert set(q.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.all((q == 0) | (torch.sign(q) == torch.sign(w.detach())))
+    assert torch.all(q[w.detach().abs() >= 1] == torch.sign(w.detach()[w.detach().abs() >= 1]))
+    torch.manual_seed(seed)
+    assert torch.equal(quantizer(w), q)  # torch's global RNG draws, even in eval
+    q.backward(torch.ones(shape))
+    assert torch.equal(w.grad, (w.detach().abs() <= 1).float())  # the clip's gradient
+
+
+def test_btq_of_weights_averages_to_the_clipped_weights():
+    w = torch.tensor([-1.7, -0.6, -0.05, 0.0, 0.3, 0.9, 2.5])
+    quantizer = WeightQuantizer(QuantConfig(weight="btq"))
+    torch.manual_seed(0)
+    mean = torch.stack([quantizer(w) for _ in range(20_000)]).mean(0)
+    assert torch.allclose(mean, w.clamp(-1, 1), atol=0.02)
+
+
+@settings(max_examples=40, deadline=None)
 @given(seed=seeds, shape=shapes, level=st.floats(0.0, 1.0))
 def test_warming_up_passes_that_fraction_of_the_noise_with_a_unit_gradient(seed, shape, level):
     generator = torch.Generator().manual_seed(seed)
@@ -231,7 +257,6 @@ def test_set_activation_noise_reaches_every_activation_quantizer_and_no_state_di
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"weight": "btq"}, "BTQ is an activation quantizer"),
         ({"weight": "fp4"}, "unknown quantizer 'fp4'"),
         ({"activations": {"gates", "cell"}}, "unknown activation group(s) ['cell']"),
         ({"ttq_threshold": -0.1}, "ttq_threshold must be finite and >= 0"),

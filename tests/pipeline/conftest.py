@@ -24,6 +24,8 @@ STAGES = [
     "tune@lstm",
     "tune@gru",
     *[f"train_ternary@{cell}-{seed}" for cell in ("lstm", "gru") for seed in SMOKE_SEEDS],
+    "study@lstm",
+    "study@gru",
     "report",
 ]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from hitnet.analysis import STUDIED_QUANTIZERS as QUANTIZERS
 from tests.pipeline.conftest import SMOKE_SEEDS, STAGES, run_tool, tool_env
 
 TRAINING = [stage for stage in STAGES if stage.startswith("train")]
@@ -113,6 +114,23 @@ def test_make_repros_driver_runs_every_stage_records_everything_and_dvc_then_has
             (ternary,) = runs[f"train_ternary@{cell}-{seed}"]
             assert float(ternary.data.params["quant.lambda_sigma"]) == best["lambda_sigma"]
             assert ternary.data.params["seed"] == str(seed)
+    for cell in ("lstm", "gru"):  # the quantizer study: table, figures, one MLflow run
+        study = metrics[f"study/{cell}/metrics.json"]["data"]
+        assert set(study["table"]) == {
+            *(f"{target}_{kind}" for target in ("weights", "activations") for kind in QUANTIZERS),
+            "hybrid",
+        }
+        assert set(study["ablation"]) == {"lambda_1", "lambda_2"}  # quick.yaml's lambdas
+        for result in [*study["table"].values(), *study["ablation"].values()]:
+            assert all(math.isfinite(result[key]) for key in ("ptq_ppl", "qat_ppl"))
+        assert set(study["mse"]) == {"W_ih", "W_hh", "gates", "candidate", "hidden"}
+        table = (project / "study" / cell / "README.md").read_text()
+        assert "| BTQ, activations only |" in table and f"{study['fp']['test_ppl']:.2f}" in table
+        (study_run,) = runs[f"study@{cell}"]
+        assert study_run.data.metrics["table.hybrid.qat_ppl"] == study["table"]["hybrid"]["qat_ppl"]
+        artifacts = {a.path for a in client.list_artifacts(study_run.info.run_id, "study")}
+        figures = {"study/distributions.png", "study/ablation.png"}
+        assert figures | {"study/README.md", "study/metrics.json"} <= artifacts
     (report_run,) = runs["report"]
     assert {a.path for a in client.list_artifacts(report_run.info.run_id, "report")} >= {
         "report/README.md",
@@ -124,8 +142,10 @@ def test_make_repros_driver_runs_every_stage_records_everything_and_dvc_then_has
     assert "Data and pipelines are up to date" in second.stdout
     assert sum(map(len, _runs_by_stage(project).values())) == run_count  # nothing ran
 
-    plots = run_tool(project, "dvc", "plots", "show", "-o", str(project / "plots"))
-    assert (project / "plots" / "index.html").is_file(), plots.stdout
+    run_tool(project, "dvc", "plots", "show", "-o", str(project / "plots"))
+    page = (project / "plots" / "index.html").read_text()
+    for cell in ("lstm", "gru"):  # each study figure is a DVC plot
+        assert f"study/{cell}/distributions.png" in page and f"study/{cell}/ablation.png" in page
 
 
 @pytest.mark.slow

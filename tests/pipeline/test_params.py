@@ -95,10 +95,10 @@ BAD_VALUES = [
     ),
     pytest.param({"cells": ["lstm", "rnn"]}, "cells", "'lstm' or 'gru'", id="unknown-cell"),
     pytest.param(
-        {"quant": {"weight": "btq"}},
+        {"quant": {"weight": "fp4"}},
         "quant.weight",
-        "'none', 'ttq' or 'uq'",
-        id="weight-quantizer-btq",
+        "'none', 'ttq', 'btq' or 'uq'",
+        id="unknown-weight-quantizer",
     ),
     pytest.param(
         {"data": {"batch_size": 0}},
@@ -220,6 +220,28 @@ BAD_VALUES = [
     ),
     pytest.param(
         {"training_seeds": [0, 1, 0]}, "training_seeds", "distinct", id="repeated-training-seed"
+    ),
+    pytest.param({"study": {"lambdas": []}}, "study.lambdas", "at least 1", id="no-lambda"),
+    pytest.param(
+        {"study": {"lambdas": [1.0, 0.0]}}, "study.lambdas.1", "greater than 0", id="zero-lambda"
+    ),
+    pytest.param(
+        {"study": {"lambdas": [1.0, 2.0, 1.0]}}, "study.lambdas", "distinct", id="lambda-twice"
+    ),
+    pytest.param(
+        {"study": {"polarized_within": 0.7}},
+        "study.polarized_within",
+        "less than or equal to 0.5",
+        id="polarized-band-overlaps",
+    ),
+    pytest.param(
+        {"study": {"epochs": 0}}, "study.epochs", "greater than or equal to 1", id="no-study-epochs"
+    ),
+    pytest.param(
+        {"study": {"histogram_bins": 1}},
+        "study.histogram_bins",
+        "greater than or equal to 2",
+        id="one-bin",
     ),
 ]
 
@@ -454,6 +476,7 @@ def test_the_quick_look_changes_give_valid_params(repo_raw: dict[str, Any]) -> N
     for cell in params.cells:  # every stage of the DAG at smoke size
         assert params.recipe("fp", cell).epochs <= 2 and params.recipe("ternary", cell).epochs <= 2
     assert params.training_seeds == load_params(REPO_PARAMS).training_seeds
+    assert params.study.epochs == 1 and params.study.limit_train_batches is not None
 
 
 @pytest.mark.parametrize(
