@@ -25,6 +25,8 @@ STAGES = [
     "tune@gru",
     *[f"train_ternary@{cell}-{seed}" for cell in ("lstm", "gru") for seed in SMOKE_SEEDS],
     "report",
+    "export@lstm",
+    "export@gru",
 ]
 
 # What a smoke run changes in params.yaml: the quick look's changes (a tiny model on a slice
