@@ -18,8 +18,9 @@ Two tables, every figure against a baseline measured in the same run:
     - a sparse CSR matrix of the codes (only the nonzero codes are touched).
 
 The model is the file ``--model`` (an export stage's ``model.hitnet``), or else a random model of
-the paper's size (1x300, vocabulary 10,000) saved and loaded through the same format: speed does
-not depend on training. Token ids are random.
+the paper's size (1x300, vocabulary 10,000; ``--ternary-embedding-decoder``: those ternary too)
+saved and loaded through the same format: neither speed nor size depends on training. Token ids
+are random.
 
 Run from the repository root:
 
@@ -66,23 +67,35 @@ class Row:
     ratio: float  # median time / the baseline's, same table, cell and batch
 
 
-def timed(run: Callable[[], object], repeats: int, warmup: int) -> float:
-    """Median wall milliseconds of ``run`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        run()
-    times = []
+def timed(runs: list[Callable[[], object]], repeats: int, warmup: int) -> list[float]:
+    """Median wall milliseconds of each of ``runs`` over ``repeats`` calls after ``warmup``.
+
+    The runs take turns, one call each a round: a busy machine then slows every variant
+    alike, and the ratios between them hold."""
+    for run in runs:
+        for _ in range(warmup):
+            run()
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for run, measured in zip(runs, times, strict=True):
+            start = time.perf_counter()
+            run()
+            measured.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(measured) for measured in times]
 
 
-def random_packed_file(cell: str, folder: Path, vocab: int, hidden: int) -> Path:
+def random_packed_file(
+    cell: str, folder: Path, vocab: int, hidden: int, ternary_embedding_decoder: bool
+) -> Path:
     """A random ternary model of this size, saved in the packed format."""
     torch.manual_seed(0)
     config = ModelConfig(
-        vocab_size=vocab, cell=cell, embedding_size=hidden, hidden_size=hidden, quant=TERNARY
+        vocab_size=vocab,
+        cell=cell,
+        embedding_size=hidden,
+        hidden_size=hidden,
+        quant=TERNARY,
+        ternary_embedding_decoder=ternary_embedding_decoder,
     )
     path = folder / f"{cell}.hitnet"
     words = Vocabulary([f"w{i}" for i in range(vocab)])
@@ -120,12 +133,11 @@ def scoring_rows(path: Path, batches: list[int], bptt: int, repeats: int, warmup
     ]
     rows = []
     for batch in batches:
-        base = None
-        for name, model in variants:
-            ms = timed(scorer(model, batch, bptt), repeats, warmup)
-            base = base or ms
+        runs = [scorer(model, batch, bptt) for _, model in variants]
+        medians = timed(runs, repeats, warmup)
+        for (name, _), ms in zip(variants, medians, strict=True):
             tokens = batch * bptt / (ms / 1e3)
-            rows.append(Row("scoring", cell, batch, name, ms, tokens, ms / base))
+            rows.append(Row("scoring", cell, batch, name, ms, tokens, ms / medians[0]))
     return rows
 
 
@@ -172,13 +184,14 @@ def matmul_rows(path: Path, batches: list[int], repeats: int, warmup: int) -> li
     for batch in batches:
         h = torch.randint(-1, 2, (batch, weight.size(1))).float()  # ternary, as BTQ leaves it
         reference = F.linear(h, weight)
-        base = None
-        for name, multiply in matmul_variants(weight, scale):
+        variants = matmul_variants(weight, scale)
+        for name, multiply in variants:
             if not torch.allclose(multiply(h), reference, atol=1e-5):
                 raise AssertionError(f"{name} does not compute W_hh h")
-            ms = timed(lambda f=multiply, h=h: f(h), repeats * 20, warmup)
-            base = base or ms
-            rows.append(Row("matmul", packed.config.cell, batch, name, ms, None, ms / base))
+        runs = [lambda f=multiply, h=h: f(h) for _, multiply in variants]
+        medians = timed(runs, repeats * 20, warmup)
+        for (name, _), ms in zip(variants, medians, strict=True):
+            rows.append(Row("matmul", packed.config.cell, batch, name, ms, None, ms / medians[0]))
     return rows
 
 
@@ -211,6 +224,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cells", default="lstm,gru", help="random models: lstm and/or gru")
     parser.add_argument("--hidden", type=int, default=300, help="random models: 1 x hidden")
     parser.add_argument("--vocab", type=int, default=10_000, help="random models' vocabulary")
+    parser.add_argument(
+        "--ternary-embedding-decoder",
+        action="store_true",
+        help="random models: embedding and decoder ternary too",
+    )
     parser.add_argument("--batches", default="1,10", help="batch sizes, comma-separated")
     parser.add_argument("--bptt", type=int, default=35)
     parser.add_argument("--repeats", type=int, default=20, help="timed windows per variant")
@@ -230,13 +248,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"timing: median of {args.repeats} windows after {args.warmup} (matmul: 20x more)")
+    print(
+        f"timing: median of {args.repeats} windows after {args.warmup}, variants taking turns "
+        "(matmul: 20x more calls)"
+    )
     with tempfile.TemporaryDirectory() as folder:
         if args.model is not None:
             paths = [args.model]
         else:
             paths = [
-                random_packed_file(cell, Path(folder), args.vocab, args.hidden)
+                random_packed_file(
+                    cell, Path(folder), args.vocab, args.hidden, args.ternary_embedding_decoder
+                )
                 for cell in args.cells
             ]
         rows, sizes = [], {}
