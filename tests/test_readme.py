@@ -4,6 +4,7 @@ against the file under results/ it comes from."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 from tests.conftest import REPO_ROOT
@@ -73,3 +74,22 @@ def test_the_sweep_horizons_rank_correlation_is_the_benchs_table():
         " ".join(README.split())
     )
     assert f"at k = 1 the GRU's is {row(1)[4]}" in " ".join(README.split())
+
+
+def test_the_cpu_speed_and_size_figures_are_the_benchs_table():
+    text = (RESULTS / "cpu_packed_inference.txt").read_text(encoding="utf-8")
+    timed = text.split("# Fully ternary")[0]  # then the sizes-only run
+    sections = dict(re.findall(r"^\[(\w+)\] (.*?)(?=^\[|\Z)", timed, re.M | re.S))
+
+    def speed(cell: str, batch: int) -> str:  # the packed model's tokens/s over FP32's
+        ratio = re.search(
+            rf"^ +{batch} ternary from the packed file +\S+ +(\S+)", sections[cell], re.M
+        )
+        return f"{1 / float(ratio.group(1)):.2f}x"
+
+    readme = " ".join(README.split())
+    assert f"at {speed('lstm', 1)} (batch 1) and {speed('lstm', 10)} (batch 10)" in readme
+    assert f"(GRU: {speed('gru', 1)}, {speed('gru', 10)})" in readme
+    assert "file 24,290,377 bytes, FP32 parameters 26,929,600 bytes" in text
+    assert "24.3 MB against 26.9 MB of FP32 parameters (1.11x)" in readme
+    assert "[lstm] file 1,790,657 bytes" in text and "it is 1.79 MB (15.0x)" in readme

@@ -27,6 +27,8 @@ STAGES = [
     "study@lstm",
     "study@gru",
     "report",
+    "export@lstm",
+    "export@gru",
 ]
 
 # What a smoke run changes in params.yaml: the quick look's changes (a tiny model on a slice

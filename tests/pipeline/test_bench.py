@@ -66,3 +66,35 @@ def test_step_time_reports_each_variant_against_torch(
     for result in others:
         assert math.isclose(result["ratio"], result["median_ms"] / baseline["median_ms"])
         assert math.isfinite(result["final_loss"])
+
+
+def test_cpu_inference_measures_every_variant_against_its_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "cpu_inference.json"
+    repo = Path(__file__).resolve().parents[2]
+    result = run_tool(
+        repo,
+        sys.executable,
+        "bench/cpu_inference.py",
+        *("--hidden", "8", "--vocab", "40", "--batches", "1,3", "--bptt", "5"),
+        *("--repeats", "2", "--warmup", "1", "--json", str(out)),
+    )
+    report = json.loads(out.read_text())
+    assert sorted(report["sizes"]) == ["gru", "lstm"]
+    for size in report["sizes"].values():
+        assert size["recurrent_weights_ratio"] > 10 and size["file_bytes"] > 0
+    rows = report["rows"]
+    groups = {(row["table"], row["cell"], row["batch"]) for row in rows}
+    assert groups == {
+        (t, c, b) for t in ("scoring", "matmul") for c in ("lstm", "gru") for b in (1, 3)
+    }
+    for table, cell, batch in groups:
+        base, *others = [
+            r for r in rows if (r["table"], r["cell"], r["batch"]) == (table, cell, batch)
+        ]
+        assert base["ratio"] == 1.0 and len(others) == (2 if table == "scoring" else 3)
+        for row in others:
+            assert math.isclose(row["ratio"], row["median_ms"] / base["median_ms"])
+        for row in [base, *others]:
+            if table == "scoring":
+                assert math.isclose(row["tokens_per_s"], batch * 5 / (row["median_ms"] / 1e3))
+    assert "ternary from the packed file" in result.stdout

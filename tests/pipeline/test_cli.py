@@ -33,6 +33,7 @@ def _stage(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         ["pipeline.train", "fp", "lstm"],
         ["pipeline.tune", "gru"],
         ["pipeline.report"],
+        ["pipeline.export", "lstm"],
     ],
     ids=lambda command: command[0],
 )

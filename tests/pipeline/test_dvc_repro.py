@@ -75,6 +75,16 @@ def test_make_repros_driver_runs_every_stage_records_everything_and_dvc_then_has
         assert sorted(ternary["seeds"]) == [str(seed) for seed in SMOKE_SEEDS]
         assert math.isfinite(ternary["mean"]) and math.isfinite(ternary["std"])
 
+    for cell in ("lstm", "gru"):  # the exported file scores as the checkpoint it came from
+        size = metrics[f"runs/export/{cell}/size.json"]["data"]
+        assert size["seed"] in SMOKE_SEEDS and size["recurrent_weights_ratio"] > 15
+        ppl = size["test_ppl_rounded"]
+        assert ppl["file"] == ppl["checkpoint"]
+        assert (
+            size["file_bytes"]
+            == (project / "runs" / "export" / cell / "model.hitnet").stat().st_size
+        )
+
     report = (project / "report" / "README.md").read_text()
     assert "| LSTM |" in report and "| GRU |" in report and "110.3" in report
     assert (project / "report" / "curves.png").read_bytes()[:4] == b"\x89PNG"
