@@ -29,7 +29,7 @@ from pipeline.history import read_history
 from pipeline.model_registry import registered_name
 from pipeline.paper import PAPER
 from pipeline.params import Params, load_params
-from pipeline.tracking import stage_run
+from pipeline.tracking import StageRun, stage_run
 
 KINDS = ("fp", "ternary")
 
@@ -217,6 +217,17 @@ def validation_ppl(folder: Path) -> float:
     return float(json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["val_ppl"])
 
 
+def mark_best_models(run: StageRun, params: Params, runs_dir: Path) -> None:
+    """The registry's alias `best`, per kind and cell: the lowest validation perplexity."""
+    for cell in params.cells:
+        for kind, seeds in (("fp", [None]), ("ternary", params.training_seeds)):
+            folders = [model_dir(kind, cell, seed, runs_dir) for seed in seeds]
+            run.set_best(
+                registered_name(kind, cell),
+                {folder / "model.ckpt": validation_ppl(folder) for folder in folders},
+            )
+
+
 def report(params: Params, runs_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     used = params.model_dump(include={"cells", "training_seeds", "report", "hardware"})
     with stage_run(params.tracking, "report", used) as run:
@@ -233,13 +244,8 @@ def report(params: Params, runs_dir: Path, data_dir: Path, out_dir: Path) -> dic
         )
         plot(histories, results, out_dir / "curves.png")
         run.log_metrics(flat_metrics(results), step=0)
-        for cell in params.cells:  # the registry's `best`: lowest validation perplexity
-            for kind, seeds in (("fp", [None]), ("ternary", params.training_seeds)):
-                folders = [model_dir(kind, cell, seed, runs_dir) for seed in seeds]
-                run.set_best(
-                    registered_name(kind, cell),
-                    {folder / "model.ckpt": validation_ppl(folder) for folder in folders},
-                )
+        if params.tracking.enabled:
+            mark_best_models(run, params, runs_dir)
         for name in ("README.md", "metrics.json", "curves.png"):
             run.log_artifact(out_dir / name, "report")
     print(table, flush=True)

@@ -265,7 +265,16 @@ class StageRun:
             dataset = MetaDataset(source, name=Path(path).name, digest=sha[:32])
             tags = [InputTag("mlflow.data.context", context), InputTag("sha256", sha)]
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        # Stages running at once register the same dataset: the store's get-or-create can
+        # lose that race (a unique-key error), and a second try then finds it.
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except Exception as error:
+                if attempt == 2:
+                    print(f"warning: the dataset inputs were not logged ({error})", flush=True)
+                time.sleep(0.5 * (attempt + 1))
 
     def log_registered_model(self, checkpoint: Path, name: str, tags: Mapping[str, str]) -> str:
         return log_registered_model(self.uri, self.run_id, checkpoint, name, tags)
