@@ -101,7 +101,23 @@ def test_make_repros_driver_runs_every_stage_records_everything_and_dvc_then_has
         assert math.isfinite(run.data.metrics["test_ppl"])
         assert "train_fp.lr" in run.data.params or "train_ternary.lr" in run.data.params
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"model.ckpt", "metrics.json", "history.csv"} <= artifacts
+        assert {"metrics.json", "history.csv"} <= artifacts
+        (dataset,) = [i for i in run.inputs.dataset_inputs if i.dataset.name == "ptb.train.txt"]
+        assert len({t.key: t.value for t in dataset.tags}["sha256"]) == 64
+    # every model registered, and `best` on the lowest validation PPW of each kind and cell
+    for cell in ("lstm", "gru"):
+        fp_versions = client.search_model_versions(f"name = 'hitnet-fp-{cell}'")
+        assert len(fp_versions) == 1
+        versions = client.search_model_versions(f"name = 'hitnet-ternary-{cell}'")
+        assert sorted(v.tags["seed"] for v in versions) == [str(s) for s in SMOKE_SEEDS]
+        best = client.get_model_version_by_alias(f"hitnet-ternary-{cell}", "best")
+        val = {
+            str(seed): json.loads(
+                (project / "runs" / "ternary" / cell / f"seed{seed}" / "metrics.json").read_text()
+            )["val_ppl"]
+            for seed in SMOKE_SEEDS
+        }
+        assert best.tags["seed"] == min(val, key=val.get)
     for cell in ("lstm", "gru"):
         best = json.loads((project / "runs" / "tune" / cell / "best.json").read_text())
         searched = {"lambda_sigma", "lambda_tanh", "ttq_threshold", "lr", "dropout"}
