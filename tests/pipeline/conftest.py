@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.params import Params
 from pipeline.quick import QUICK_CHANGES, deep_update, make_project
 from tests.conftest import PTB_DIR
 
@@ -83,3 +84,30 @@ def sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def save_briefly_trained(
+    params: Params, cell: str, kind: str, ptb_dir: Path, path: Path, seed: int = 0, steps: int = 4
+) -> Path:
+    """A tiny model after a few steps, saved as a checkpoint (tests need its format, not its
+    quality)."""
+    import pytorch_lightning as pl
+
+    from pipeline.builders import build_task, datamodule_for
+
+    datamodule = datamodule_for(params, ptb_dir)
+    pl.seed_everything(seed)
+    task = build_task(params, cell, kind, datamodule.vocab_size)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, datamodule)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(path)
+    return path

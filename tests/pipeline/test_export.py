@@ -8,16 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from hitnet.lightning_module import LanguageModelTask
 from hitnet.packed import load_packed, vocabulary_sha256
 from pipeline import export, report
-from pipeline.builders import build_task, datamodule_for, model_dir
+from pipeline.builders import datamodule_for, model_dir
 from pipeline.params import Params
 from tests.conftest import REPO_ROOT
-from tests.pipeline.conftest import SMOKE, deep_update
+from tests.pipeline.conftest import SMOKE, deep_update, save_briefly_trained
 
 VAL_PPL = {0: 300.0, 1: 250.0}  # seed 1 validates best
 
@@ -31,31 +30,13 @@ def _params() -> Params:
     return Params.model_validate(deep_update(SMOKE, changes))
 
 
-def _train_briefly(params: Params, ptb_dir: Path, seed: int, folder: Path) -> None:
-    """A tiny ternary LSTM after a few steps, as the training stage leaves it."""
-    datamodule = datamodule_for(params, ptb_dir)
-    pl.seed_everything(seed)
-    task = build_task(params, "lstm", "ternary", datamodule.vocab_size)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(task, datamodule)
-    folder.mkdir(parents=True)
-    trainer.save_checkpoint(folder / "model.ckpt")
-    (folder / "metrics.json").write_text(json.dumps({"val_ppl": VAL_PPL[seed]}))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, ptb_dir: Path) -> Path:
     runs = tmp_path_factory.mktemp("runs")
     for seed in VAL_PPL:
-        _train_briefly(_params(), ptb_dir, seed, model_dir("ternary", "lstm", seed, runs))
+        folder = model_dir("ternary", "lstm", seed, runs)
+        save_briefly_trained(_params(), "lstm", "ternary", ptb_dir, folder / "model.ckpt", seed)
+        (folder / "metrics.json").write_text(json.dumps({"val_ppl": VAL_PPL[seed]}))
     return runs
 
 

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 
 from pipeline import report
-from pipeline.builders import build_task, datamodule_for, model_dir
+from pipeline.builders import model_dir
 from pipeline.params import Params
-from tests.pipeline.conftest import SMOKE, deep_update
+from tests.pipeline.conftest import SMOKE, deep_update, save_briefly_trained
 
 TEST_BATCHES = 3
 
@@ -20,31 +19,11 @@ def _params(quant_mode: str = "deterministic", **changes: object) -> Params:
     return Params.model_validate(deep_update(SMOKE, {"quant": {"btq_eval": quant_mode}, **changes}))
 
 
-def _train_briefly(params: Params, cell: str, ptb_dir: Path, kind: str, seed: int) -> pl.Trainer:
-    datamodule = datamodule_for(params, ptb_dir)
-    datamodule.setup("fit")
-    pl.seed_everything(seed)
-    task = build_task(params, cell, kind, datamodule.vocab_size)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(task, datamodule)
-    return trainer
-
-
 @pytest.fixture(scope="module")
 def ternary_checkpoint(tmp_path_factory: pytest.TempPathFactory, ptb_dir: Path) -> Path:
     """A tiny ternary LSTM after a few steps, validated with stochastic BTQ."""
-    trainer = _train_briefly(_params("stochastic"), "lstm", ptb_dir, "ternary", 0)
     path = tmp_path_factory.mktemp("ternary") / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return save_briefly_trained(_params("stochastic"), "lstm", "ternary", ptb_dir, path)
 
 
 def test_report_evaluates_btq_drawn_or_rounded_whatever_the_model_validated_with(
@@ -105,9 +84,7 @@ def test_report_tests_every_training_seeds_model_and_writes_the_format_checks_re
     folders += [model_dir("ternary", "lstm", seed, runs) for seed in seeds]
     for index, folder in enumerate(folders):
         kind = "fp" if index == 0 else "ternary"
-        trainer = _train_briefly(params, "lstm", ptb_dir, kind, seed=index)
-        folder.mkdir(parents=True)
-        trainer.save_checkpoint(folder / "model.ckpt")
+        save_briefly_trained(params, "lstm", kind, ptb_dir, folder / "model.ckpt", seed=index)
         (folder / "history.csv").write_text("epoch,train_ppl,val_ppl,lr\n1,900.0,950.0,10.0\n")
 
     results = report.report(params, runs, ptb_dir, tmp_path / "report")

@@ -7,14 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import yaml
 
 from pipeline import study
-from pipeline.builders import build_task, datamodule_for
+from pipeline.builders import datamodule_for
 from pipeline.params import Params
 from tests.conftest import REPO_ROOT
-from tests.pipeline.conftest import SMOKE, deep_update
+from tests.pipeline.conftest import SMOKE, deep_update, save_briefly_trained
 
 # The smoke project's params (the repository's, smoke changes applied), without MLflow.
 PARAMS = Params.model_validate(
@@ -115,22 +114,8 @@ def test_the_figures_are_written(tmp_path: Path):
 @pytest.fixture(scope="module")
 def fp_checkpoint(tmp_path_factory: pytest.TempPathFactory, ptb_dir: Path) -> Path:
     """A tiny FP LSTM after one step (the study needs its weights, not its quality)."""
-    datamodule = datamodule_for(PARAMS, ptb_dir)
-    pl.seed_everything(0)
-    task = build_task(PARAMS, "lstm", "fp", datamodule.vocab_size)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(task, datamodule)
     path = tmp_path_factory.mktemp("fp") / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return save_briefly_trained(PARAMS, "lstm", "fp", ptb_dir, path, steps=1)
 
 
 def test_a_finished_row_is_kept_and_a_rerun_does_not_train_it_again(
