@@ -243,7 +243,7 @@ def build_stand_ins(engine: Engine, base: str) -> dict[str, str]:
         builds = {
             tag: subprocess.Popen(
                 [
-                    *("docker", "build", "-q", "-f", dockerfile),
+                    *("docker", "build", "-q", "-f", str(Path(context, dockerfile))),
                     *("--build-arg", f"BASE_IMAGE={base}", "-t", tag, context),
                 ],
                 env=engine.env,
