@@ -304,10 +304,14 @@ def check_exposure(project: Path, env: dict[str, str], settings: dict[str, str],
     assert MlflowRest(port, None, None).call("experiments/search?max_results=1")[0] == 401
     assert MlflowRest(port, "admin", "wrong").call("experiments/search?max_results=1")[0] == 401
     command_lines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    for name in ("POSTGRES_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY"):
+    for name in (
+        "POSTGRES_PASSWORD",
+        "MLFLOW_ADMIN_PASSWORD",
+        "MLFLOW_SECRET_KEY",
+        "RAY_AUTH_TOKEN",
+    ):
         assert settings[name] not in inspected, name
         assert settings[name] not in command_lines, name
-    assert settings["RAY_AUTH_TOKEN"] not in inspected
 
 
 def remove_volumes(project: Path, env: dict[str, str]) -> None:
@@ -363,11 +367,12 @@ def test_readme_team_commands_run_the_pipeline_on_the_stack(engine, tmp_path, ca
             engine.stop()
         assert engine.leftover_processes() == []
         before, after = engine.network_before, NetworkState.now()
-        assert (after.rules, after.chains, after.links) == (
+        assert (after.rules, after.chains, after.policies) == (
             before.rules,
             before.chains,
-            before.links,
+            before.policies,
         )
+        assert (after.links, after.ip_forward) == (before.links, before.ip_forward)
     finally:
         if engine.process is not None:
             remove_volumes(project, env)
