@@ -1,0 +1,259 @@
+"""A Docker engine of the test's own: Debian's dockerd started by hand (no systemd), its
+socket, state and Compose v2 plugin in the test's folders, and a base image made on this
+machine (Docker Hub is not reachable from CI). Stopping it stops the daemon by its PID and
+removes the bridges and iptables rules it made, leaving the machine as it was.
+
+The tools come from Debian's packages; .ci/engine-tools installs them:
+docker.io (dockerd, containerd, runc and its own docker client), debootstrap, iptables, and
+the Compose v2 plugin unpacked from Debian trixie's docker-compose package."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Where .ci/engine-tools unpacks the Compose v2 plugin (Debian bookworm has only v1).
+COMPOSE_PLUGIN = Path(
+    os.environ.get("HITNET_COMPOSE_PLUGIN", "/opt/compose-v2/docker/cli-plugins/docker-compose")
+)
+# Debian's client, which speaks the daemon's API version; the machine may have another one
+# first on PATH.
+DOCKER_CLIENT = Path("/usr/bin/docker")
+# Image layers stay between runs (a cache, as any Docker host keeps); nothing else does.
+DATA_ROOT = Path(os.environ.get("HITNET_ENGINE_DATA_ROOT", "/var/lib/hitnet-engine"))
+IPTABLES_TABLES = ("filter", "nat")
+DOCKER_LINK = re.compile(r"^(docker0|br-[0-9a-f]+|veth[0-9a-f]+)$")
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+
+def missing_tools() -> list[str]:
+    """What this machine lacks to run an engine; empty when it has everything."""
+    missing = [
+        name for name in ("dockerd", "debootstrap", "iptables-save") if shutil.which(name) is None
+    ]
+    missing += [str(path) for path in (DOCKER_CLIENT, COMPOSE_PLUGIN) if not path.is_file()]
+    if os.geteuid() != 0:
+        missing.append("root (dockerd runs as root)")
+    return missing
+
+
+@dataclass(frozen=True)
+class NetworkState:
+    """What dockerd changes in the host's network: links, iptables chains, rules and
+    policies (dockerd sets FORWARD's to DROP), IPv4 forwarding."""
+
+    links: frozenset[str]
+    chains: dict[str, frozenset[str]]  # the user-defined ones
+    rules: dict[str, tuple[str, ...]]
+    policies: dict[str, dict[str, str]]  # a built-in chain's, when not ACCEPT
+    ip_forward: str
+
+    @classmethod
+    def now(cls) -> NetworkState:
+        links = subprocess.run(
+            ["ip", "-o", "link", "show"], capture_output=True, text=True, check=True
+        ).stdout
+        chains, rules, policies = {}, {}, {}
+        for table in IPTABLES_TABLES:
+            saved = subprocess.run(
+                ["iptables-save", "-t", table], capture_output=True, text=True, check=True
+            ).stdout.splitlines()
+            declared = [line[1:].split()[:2] for line in saved if line[:1] == ":"]
+            chains[table] = frozenset(name for name, policy in declared if policy == "-")
+            policies[table] = {
+                name: policy for name, policy in declared if policy not in ("-", "ACCEPT")
+            }
+            rules[table] = tuple(line for line in saved if line.startswith("-A "))
+        names = (line.split(":")[1].strip().split("@")[0] for line in links.splitlines())
+        return cls(
+            links=frozenset(names),
+            chains=chains,
+            rules=rules,
+            policies=policies,
+            ip_forward=Path("/proc/sys/net/ipv4/ip_forward").read_text().strip(),
+        )
+
+    def undo_changes_since(self) -> None:
+        """Removes the links, rules and chains that appeared after this state was taken."""
+        now = NetworkState.now()
+        for link in sorted(now.links - self.links):
+            if DOCKER_LINK.match(link):
+                subprocess.run(["ip", "link", "delete", link], capture_output=True)
+        for table in IPTABLES_TABLES:
+            new_chains = now.chains[table] - self.chains[table]
+            old = set(self.rules[table])
+            for rule in reversed(now.rules[table]):
+                words = shlex.split(rule)
+                if rule not in old and words[1] not in new_chains:
+                    subprocess.run(["iptables", "-t", table, "-D", *words[1:]], check=True)
+            for chain in new_chains:
+                subprocess.run(["iptables", "-t", table, "-F", chain], check=True)
+            for chain in new_chains:
+                subprocess.run(["iptables", "-t", table, "-X", chain], check=True)
+            for chain in now.policies[table].keys() | self.policies[table].keys():
+                policy = self.policies[table].get(chain, "ACCEPT")
+                subprocess.run(["iptables", "-t", table, "-P", chain, policy], check=True)
+        Path("/proc/sys/net/ipv4/ip_forward").write_text(self.ip_forward)
+
+
+class Engine:
+    """dockerd with its socket and run state in ``folder``; ``env`` is what a command needs
+    to use it (this daemon, Debian's client first on PATH, the Compose v2 plugin)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.socket = folder / "docker.sock"
+        config = folder / "config"  # DOCKER_CONFIG: the client finds the plugin here
+        (config / "cli-plugins").mkdir(parents=True)
+        (config / "cli-plugins" / "docker-compose").symlink_to(COMPOSE_PLUGIN)
+        client_bin = folder / "bin"
+        client_bin.mkdir()
+        (client_bin / "docker").symlink_to(DOCKER_CLIENT)
+        self.env = {
+            **os.environ,
+            "DOCKER_HOST": f"unix://{self.socket}",
+            "DOCKER_CONFIG": str(config),
+            "PATH": f"{client_bin}{os.pathsep}{os.environ['PATH']}",
+        }
+        self.process: subprocess.Popen | None = None
+        self.network_before = NetworkState.now()
+
+    def start(self, timeout_s: float = 60) -> None:
+        log = (self.folder / "dockerd.log").open("w")
+        self.process = subprocess.Popen(
+            [
+                "dockerd",
+                "--storage-driver=overlay2",
+                f"--data-root={DATA_ROOT}",
+                f"--exec-root={self.folder / 'exec'}",
+                f"--pidfile={self.folder / 'dockerd.pid'}",
+                f"--host=unix://{self.socket}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while self.docker("version", check=False).returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"dockerd did not start: {self.log_tail()}")
+            time.sleep(0.5)
+
+    def log_tail(self) -> str:
+        return (self.folder / "dockerd.log").read_text()[-3000:]
+
+    def docker(self, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            ["docker", *args], env=self.env, capture_output=True, text=True, **kwargs
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+        return result
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """SIGTERM to dockerd (it stops its containerd), SIGKILL if it lingers; then whatever
+        still runs from its run state, by PID; then its network changes are undone."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            self.process = None
+        for pid in self.leftover_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.network_before.undo_changes_since()
+
+    def leftover_processes(self) -> list[int]:
+        """PIDs whose command line names this engine's run state (containerd, its shims)."""
+        marker = str(self.folder).encode()
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if marker in (proc / "cmdline").read_bytes():
+                        found.append(int(proc.name))
+        return found
+
+    def has_image(self, tag: str) -> bool:
+        return self.docker("image", "inspect", tag, check=False).returncode == 0
+
+
+def apt_mirror() -> str:
+    """The Debian mirror apt uses on this machine (deb822 or one-line sources)."""
+    sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+    for path in sources:
+        with contextlib.suppress(OSError):
+            text = path.read_text()
+            for uri in re.findall(r"(?:URIs:|^deb)\s+(?:\[[^]]*\]\s+)?(\S+)", text, re.M):
+                if uri.rstrip("/").endswith("/debian"):
+                    return uri
+    return DEFAULT_MIRROR
+
+
+def import_debian_base(engine: Engine, tag: str, suite: str = "bookworm") -> None:
+    """``tag``: Debian ``suite`` made by debootstrap (minbase) from apt's mirror, then
+    `docker import`ed. Kept while the engine's data root is."""
+    if engine.has_image(tag):
+        return
+    with tempfile.TemporaryDirectory(prefix="rootfs-", dir="/var/tmp") as rootfs:
+        made = subprocess.run(
+            ["debootstrap", "--variant=minbase", suite, rootfs, apt_mirror()],
+            capture_output=True,
+            text=True,
+        )
+        if made.returncode != 0:
+            raise AssertionError(f"debootstrap failed:\n{made.stdout[-3000:]}{made.stderr}")
+        for cached in Path(rootfs, "var/cache/apt/archives").glob("*.deb"):
+            cached.unlink()
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        engine.docker("import", "-", tag, stdin=tar.stdout)
+        assert tar.wait() == 0
+
+
+# Stand-ins for the Docker Hub images docker-compose.yml uses by default: {variable: (tag,
+# Dockerfile in this folder)}. The stack's own Dockerfile builds on them unchanged.
+STAND_INS = {
+    "PYTHON_IMAGE": ("hitnet-ci/python:3.11", "python.Dockerfile"),
+    "POSTGRES_IMAGE": ("hitnet-ci/postgres:15", "postgres.Dockerfile"),
+}
+
+
+def build_stand_ins(engine: Engine, base: str) -> dict[str, str]:
+    """Builds the stand-ins from ``base`` (at once: they mostly wait on the network);
+    returns the variables that point docker-compose.yml at them."""
+    with tempfile.TemporaryDirectory() as context:
+        for name in ("python.Dockerfile", "postgres.Dockerfile", "postgres-entrypoint.sh"):
+            shutil.copy2(Path(__file__).with_name(name), context)
+        # the machine's CA bundle: registries may be reached through a proxy with its own CA
+        shutil.copy("/etc/ssl/certs/ca-certificates.crt", Path(context) / "host-ca.crt")
+        builds = {
+            tag: subprocess.Popen(
+                [
+                    *("docker", "build", "-q", "-f", str(Path(context, dockerfile))),
+                    *("--build-arg", f"BASE_IMAGE={base}", "-t", tag, context),
+                ],
+                env=engine.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for tag, dockerfile in STAND_INS.values()
+        }
+        for tag, build in builds.items():
+            output = build.communicate()[0]
+            assert build.returncode == 0, f"building {tag} failed:\n{output[-3000:]}"
+    return {variable: tag for variable, (tag, _) in STAND_INS.items()}

@@ -1,0 +1,380 @@
+"""docker-compose.yml under a real engine, driven by README's "Run it as a team" commands
+word for word, on a smoke-size copy of the project: every stage runs in the `pipeline`
+container, the sweeps on the ray-worker container. Meanwhile a ray-worker is killed
+mid-sweep and the MLflow server stopped mid-training; then the runs are read back through
+MLflow's REST API (with auth) and from PostgreSQL, and what the host can reach is checked.
+
+The engine is the test's own (tests/stack/engine.py): CI has no Docker Hub, so the base
+images are stand-ins made on the machine, passed through the compose file's variables."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PTB_DIR, REPO_ROOT
+from tests.pipeline.conftest import STAGES, make_smoke_project, write_params
+from tests.pipeline.services import answers, free_port
+from tests.stack.engine import (
+    DOCKER_LINK,
+    Engine,
+    NetworkState,
+    build_stand_ins,
+    import_debian_base,
+    missing_tools,
+)
+
+BASE_IMAGE = "hitnet-ci/debian:bookworm"
+PIPELINE_TIMEOUT_S = 1500
+# A user's checkout belongs to the user, not to the containers' root (git's ownership check).
+CHECKOUT_OWNER = 1000
+
+
+def team_commands() -> list[str]:
+    """The commands of README's "Run it as a team" block, comments dropped."""
+    section = (REPO_ROOT / "README.md").read_text().split("## Run it as a team", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "README's 'Run it as a team' section has no bash block"
+    lines = (line.split(" #")[0].strip() for line in block.group(1).splitlines())
+    return [line for line in lines if line]
+
+
+class Phases:
+    """Wall time per phase, printed at the end: the budget in CI is tight."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[str, float]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.times.append((name, time.monotonic() - start))
+
+    def table(self) -> str:
+        rows = [f"  {seconds:7.1f} s  {name}" for name, seconds in self.times]
+        total = sum(seconds for _, seconds in self.times)
+        return "\n".join(["engine test phases:", *rows, f"  {total:7.1f} s  in all"])
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    missing = missing_tools()
+    if missing:
+        reason = (
+            f"no container engine can be started here, missing: {', '.join(missing)} "
+            "(.ci/engine-tools installs them)"
+        )
+        if os.environ.get("HITNET_REQUIRE_ENGINE"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    # short: the daemon's socket path must fit a Unix socket name
+    folder = Path(tempfile.mkdtemp(prefix="engine-", dir="/tmp"))
+    started = Engine(folder)
+    try:
+        started.start()
+        yield started
+    finally:
+        started.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def smoke_checkout(project: Path) -> Path:
+    """The smoke project as a team member's checkout: PTB where params.yaml's default says
+    (mounted there by the stack), trials long enough to be killed mid-sweep and a ternary
+    stage long enough for an outage mid-training, the torch wheel pip would install."""
+    make_smoke_project(project)
+    write_params(
+        project,
+        {
+            "data": {"source": "../shared/data/ptb"},
+            "tune": {"epochs": 3, "fail_at_epoch": None},  # the kill is this sweep's failure
+            "train_ternary": {"epochs": 3},
+        },
+    )
+    subprocess.run(["git", "commit", "-qam", "smoke params"], cwd=project, check=True)
+    for folder in os.environ.get("PIP_FIND_LINKS", "/opt/wheels").split():
+        for wheel in Path(folder).glob("torch-2.13.0+cpu-*.whl"):
+            shutil.copy(wheel, project / "docker" / "wheels")
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", f"{CHECKOUT_OWNER}:{CHECKOUT_OWNER}", project], check=True)
+    return project
+
+
+def run_with_faults(
+    command: str, project: Path, env: dict[str, str], port: int
+) -> tuple[str, tuple[int, int]]:
+    """Runs README's pipeline command; kills the ray-worker container at the first trial
+    epoch (then starts it again, as its owner would), stops the mlflow container at the
+    first ternary epoch (then starts it again). Returns the output and the outage: from
+    mlflow stopped to answering again, in epoch milliseconds as MLflow stamps metrics."""
+
+    def compose(*args: str) -> None:
+        subprocess.run(["docker", "compose", *args], cwd=project, env=env, check=True)
+
+    process = subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    watchdog = threading.Timer(PIPELINE_TIMEOUT_S, process.kill)
+    watchdog.start()
+    output, worker_killed, outage = [], False, None
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if not worker_killed and re.match(r"tune@lstm trial \w+ epoch 1/", line):
+                worker = subprocess.run(
+                    ["docker", "compose", "ps", "-q", "ray-worker"],
+                    cwd=project,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.split()
+                subprocess.run(["docker", "kill", *worker], env=env, check=True)
+                output.append(f"TEST: killed ray-worker {worker}\n")
+                compose("start", "ray-worker")
+                worker_killed = True
+            if outage is None and re.match(r"train_ternary@lstm-0 epoch 1/", line):
+                compose("stop", "mlflow")
+                down = time.time()
+                compose("start", "mlflow")
+                while not answers(f"http://127.0.0.1:{port}/health"):
+                    time.sleep(0.5)
+                outage = (int(down * 1000), int(time.time() * 1000))
+                output.append(f"TEST: mlflow stopped for {time.time() - down:.1f} s\n")
+        process.wait()
+    finally:
+        watchdog.cancel()
+    text = "".join(output)
+    assert process.returncode == 0, text[-6000:]
+    assert worker_killed and outage, text[-6000:]
+    return text, outage
+
+
+class MlflowRest:
+    """MLflow's REST API on the published port, with or without basic auth."""
+
+    def __init__(self, port: int, user: str | None, password: str | None) -> None:
+        self.base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        self.auth = None
+        if user is not None:
+            self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def call(self, path: str, body: dict | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"{self.base}/{path}",
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        if self.auth:
+            request.add_header("Authorization", self.auth)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            return error.code, {}
+
+    def ok(self, path: str, body: dict | None = None) -> dict:
+        status, answer = self.call(path, body)
+        assert status == 200, (path, status)
+        return answer
+
+
+def read_env(project: Path) -> dict[str, str]:
+    lines = (project / ".env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and line[:1] != "#")
+
+
+def history_epochs(path: Path) -> list[int]:
+    with path.open() as rows:
+        return [int(row["epoch"]) for row in csv.DictReader(rows)]
+
+
+def check_runs(project: Path, port: int, settings: dict[str, str], outage: tuple[int, int]) -> int:
+    """Every stage's run on the server, finished, with every epoch its history.csv has (those
+    that ended while the server was down too), the checkout's commit and its artifacts;
+    returns the number of runs."""
+    mlflow = MlflowRest(port, "admin", settings["MLFLOW_ADMIN_PASSWORD"])
+    experiment = mlflow.ok("experiments/get-by-name?experiment_name=hitnet-ptb")["experiment"]
+    runs = mlflow.ok(
+        "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000}
+    )["runs"]
+    tags = [{tag["key"]: tag["value"] for tag in run["data"].get("tags", [])} for run in runs]
+    assert {tag["dvc.stage"] for tag in tags} == set(STAGES)
+    assert {run["info"]["status"] for run in runs} == {"FINISHED"}
+    head = subprocess.run(  # the checkout is the user's: git must be told to trust it
+        ["git", "-c", f"safe.directory={project}", "rev-parse", "HEAD"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    for run, tag in zip(runs, tags, strict=True):
+        stage = tag["dvc.stage"]
+        if "git.commit" in tag:  # the stages' runs (a sweep's trials are Ray's)
+            assert tag["git.commit"] == head, stage
+        kind, _, name = stage.partition("@")
+        if kind not in ("train_fp", "train_ternary"):
+            continue
+        cell, _, seed = name.partition("-")
+        folder = f"runs/fp/{cell}" if kind == "train_fp" else f"runs/ternary/{cell}/seed{seed}"
+        run_id = run["info"]["run_id"]
+        history = mlflow.ok(f"metrics/get-history?run_id={run_id}&metric_key=val_ppl")
+        steps = sorted(metric["step"] for metric in history["metrics"])
+        assert steps == history_epochs(project / folder / "history.csv"), stage
+        if stage == "train_ternary@lstm-0":  # the outage hit its training
+            stamps = [metric["timestamp"] for metric in history["metrics"]]
+            assert any(outage[0] <= stamp <= outage[1] for stamp in stamps), (stamps, outage)
+        files = mlflow.ok(f"artifacts/list?run_id={run_id}").get("files", [])
+        assert "metrics.json" in {file["path"] for file in files}, stage
+    return len(runs)
+
+
+def check_postgres(project: Path, env: dict[str, str], settings: dict[str, str], runs: int):
+    def query(sql: str) -> int:
+        answer = subprocess.run(
+            [
+                *("docker", "compose", "exec", "-T", "postgres", "psql"),
+                *("-U", settings["POSTGRES_USER"], "-d", settings["POSTGRES_DB"], "-tAc", sql),
+            ],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(answer.stdout.strip())
+
+    assert query("SELECT count(*) FROM runs WHERE status = 'FINISHED'") == runs
+    assert query("SELECT count(*) FROM metrics WHERE key = 'val_ppl'") > 0
+
+
+def host_addresses() -> list[str]:
+    """The host's own IPv4 addresses, the engine's bridges left out."""
+    lines = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True
+    ).stdout.splitlines()
+    return [
+        line.split()[3].split("/")[0] for line in lines if not DOCKER_LINK.match(line.split()[1])
+    ]
+
+
+def check_exposure(project: Path, env: dict[str, str], settings: dict[str, str], port: int):
+    """Only MLflow is published, on 127.0.0.1 only; it refuses calls without the password;
+    no secret shows in `docker inspect` or in any command line on the host."""
+    ids = subprocess.run(
+        ["docker", "compose", "ps", "-q"], cwd=project, env=env, capture_output=True, text=True
+    ).stdout.split()
+    inspected = subprocess.run(
+        ["docker", "inspect", *ids], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    published = {
+        (container["Name"], port_name, binding["HostIp"])
+        for container in json.loads(inspected)
+        for port_name, bindings in container["NetworkSettings"]["Ports"].items()
+        for binding in bindings or []
+    }
+    assert {(port_name, ip) for _, port_name, ip in published} == {("5000/tcp", "127.0.0.1")}
+    for address in host_addresses():  # the port is closed on every other address
+        with pytest.raises(OSError), socket.create_connection((address, port), 3):
+            pass
+    assert MlflowRest(port, None, None).call("experiments/search?max_results=1")[0] == 401
+    assert MlflowRest(port, "admin", "wrong").call("experiments/search?max_results=1")[0] == 401
+    command_lines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    for name in (
+        "POSTGRES_PASSWORD",
+        "MLFLOW_ADMIN_PASSWORD",
+        "MLFLOW_SECRET_KEY",
+        "RAY_AUTH_TOKEN",
+    ):
+        assert settings[name] not in inspected, name
+        assert settings[name] not in command_lines, name
+
+
+def remove_volumes(project: Path, env: dict[str, str]) -> None:
+    """The next run makes new secrets: its volumes must be new too (the layers are kept)."""
+    subprocess.run(
+        ["docker", "compose", "down", "-v"], cwd=project, env=env, capture_output=True, check=False
+    )
+
+
+@pytest.mark.slow
+def test_readme_team_commands_run_the_pipeline_on_the_stack(engine, tmp_path, capsys):
+    commands = team_commands()
+    up, pipeline, down = (
+        next(command for command in commands if marker in command)
+        for marker in ("docker compose up --wait", "run --rm pipeline dvc repro", "compose down")
+    )
+    phases = Phases()
+    project = smoke_checkout(tmp_path / "project")
+    port = free_port()
+    env = {**engine.env, "PTB_DIR": str(PTB_DIR), "MLFLOW_PORT": str(port)}
+    try:
+        with phases("base image: debootstrap minbase, docker import"):
+            import_debian_base(engine, BASE_IMAGE)
+        with phases("stand-ins for Docker Hub's python and postgres images"):
+            env.update(build_stand_ins(engine, BASE_IMAGE))
+        output, outage = "", None
+        for command in commands:
+            if command == down:
+                assert outage, "README's commands stop the stack before they run the pipeline"
+                with phases("checks: MLflow REST, PostgreSQL, ports, secrets"):
+                    settings = read_env(project)
+                    runs = check_runs(project, port, settings, outage)
+                    check_postgres(project, env, settings, runs)
+                    check_exposure(project, env, settings, port)
+            with phases(command):
+                if command == pipeline:
+                    output, outage = run_with_faults(command, project, env, port)
+                else:
+                    done = subprocess.run(
+                        ["bash", "-c", command], cwd=project, env=env, capture_output=True
+                    )
+                    assert done.returncode == 0, (
+                        command,
+                        (done.stdout + done.stderr)[-6000:].decode(),
+                    )
+            if command == up:
+                assert engine.docker("ps", "-q").stdout.split(), "up --wait started nothing"
+        assert "tune: joining the Ray cluster at ray-head:6379" in output
+        assert re.search(r"tune@lstm trial \w+ failed: .*; retrying", output), output[-6000:]
+        assert engine.docker("ps", "-aq").stdout.split() == []  # down left nothing
+        with phases("engine stop, network cleanup"):
+            remove_volumes(project, env)
+            engine.stop()
+        assert engine.leftover_processes() == []
+        before, after = engine.network_before, NetworkState.now()
+        assert (after.rules, after.chains, after.policies) == (
+            before.rules,
+            before.chains,
+            before.policies,
+        )
+        assert (after.links, after.ip_forward) == (before.links, before.ip_forward)
+    finally:
+        if engine.process is not None:
+            remove_volumes(project, env)
+        with capsys.disabled():
+            print("\n" + phases.table())
