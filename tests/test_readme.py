@@ -93,3 +93,16 @@ def test_the_cpu_speed_and_size_figures_are_the_benchs_table():
     assert "file 24,290,377 bytes, FP32 parameters 26,929,600 bytes" in text
     assert "24.3 MB against 26.9 MB of FP32 parameters (1.11x)" in readme
     assert "[lstm] file 1,790,657 bytes" in text and "it is 1.79 MB (15.0x)" in readme
+
+
+def test_the_short_recipe_figures_are_the_runs_files():
+    tests = [_metrics(f"h200/search13/l36-s{seed}/metrics.json")["test_ppl"] for seed in (0, 1)]
+    text = " ".join(README.split())
+    assert f"ended at {tests[0]:.2f} and {tests[1]:.2f} test PPW" in text
+    first_val = [
+        float(
+            (RESULTS / f"h200/search13/{run}/history.csv").read_text().splitlines()[1].split(",")[2]
+        )
+        for run in ("g50m-s0", "g55a-s0")
+    ]
+    assert f"(val {first_val[0]:.0f} after one epoch instead of {first_val[1]:.0f})" in text
