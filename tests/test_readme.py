@@ -7,6 +7,8 @@ import json
 import re
 import statistics
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
@@ -106,3 +108,55 @@ def test_the_short_recipe_figures_are_the_runs_files():
         for run in ("g50m-s0", "g55a-s0")
     ]
     assert f"(val {first_val[0]:.0f} after one epoch instead of {first_val[1]:.0f})" in text
+
+
+def _table_after(marker: str) -> dict[str, list[str]]:
+    """README's first table after ``marker``: each row's cells by its first cell."""
+    lines = README[README.index(marker) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = {}
+    for line in lines[start + 2 :]:  # past the header and its rule
+        if not line.startswith("|"):
+            break
+        first, *cells = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[first] = cells
+    return rows
+
+
+def _bench_table(path: str) -> dict[tuple[str, str], list[str]]:
+    """``bench/step_time.py``'s printed table: (cell, variant) -> median ms, x base, ...,
+    the variant named as README names it."""
+    names = {
+        "torch.nn.{}": "torch.nn (cuDNN)",
+        "Sloped{} FP loop": "FP reference loop",
+        "Sloped{} ternary (TTQ w, BTQ a)": "ternary, eager",
+        "Sloped{} ternary, compiled reduce-overhead": "ternary, compiled (reduce-overhead)",
+        "Sloped{} ternary, compiled reduce-overhead + distillation": "ternary, compiled, distilled",
+    }
+    rows, cell = {}, ""
+    for line in (RESULTS / path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("["):
+            cell = line[1 : line.index("]")]
+            continue
+        for pattern, label in names.items():
+            variant = pattern.format(cell.upper())
+            if line.startswith(variant + " ") and line[len(variant) :].split()[0][0].isdigit():
+                rows[cell, label] = line[len(variant) :].split()
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("marker", "path"),
+    [
+        ("On the\nH100 (`results/h100/step_time.txt`)", "h100/step_time.txt"),
+        ("A second H100 host", "h100/step_time_run2.txt"),
+    ],
+)
+def test_the_step_time_tables_are_the_benchs_tables(marker: str, path: str):
+    bench = _bench_table(path)
+    table = _table_after(marker)
+    assert table
+    for label, cells in table.items():
+        median, _, ratio, _, mem_ratio = bench["lstm", label]
+        gru_median, _, gru_ratio, _, gru_mem_ratio = bench["gru", label]
+        assert cells == [median, ratio, gru_median, gru_ratio, f"{mem_ratio} / {gru_mem_ratio}"]
