@@ -270,21 +270,35 @@ class Distillation:
         self.teacher.to(device)
         self._state = None
 
-    def loss(self, inputs: Tensor, student_logits: Tensor) -> Tensor:
-        """T^2 * KL(teacher || student) per token, on softmaxes at temperature T."""
+    def teacher_logits(self, inputs: Tensor) -> Tensor:
+        """The teacher's logits for this window (its state carried from the last one)."""
         with torch.no_grad():
             if self._state is None:
                 self._state = self.teacher.initial_state(inputs.size(1), inputs.device)
-            teacher_logits, self._state = self.teacher(inputs, self._state)
+            logits, self._state = self.teacher(inputs, self._state)
+        return logits
+
+    def loss(self, inputs: Tensor, student_logits: Tensor) -> Tensor:
+        """T^2 * KL(teacher || student) per token, on softmaxes at temperature T."""
         vocab = student_logits.size(-1)
-        t = self.temperature
-        divergence = F.kl_div(
-            F.log_softmax(student_logits.view(-1, vocab) / t, dim=-1),
-            F.log_softmax(teacher_logits.view(-1, vocab) / t, dim=-1),
-            reduction="batchmean",
-            log_target=True,
+        return soft_target_loss(
+            student_logits.reshape(-1, vocab),
+            self.teacher_logits(inputs).reshape(-1, vocab),
+            self.temperature,
         )
-        return divergence * t * t
+
+
+def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(teacher || student) per token, on softmaxes at temperature T.
+
+    ``teacher_logits`` (tokens, vocab); ``student_logits`` (..., tokens, vocab): leading
+    dimensions are stacked runs, each given its own loss against the one teacher.
+    """
+    t = temperature
+    student = F.log_softmax(student_logits / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits / t, dim=-1).expand_as(student)
+    divergence = F.kl_div(student, teacher, reduction="none", log_target=True)
+    return divergence.sum((-2, -1)) / student.size(-2) * t * t
 
 
 def _get_rng_state() -> dict[str, Any]:
