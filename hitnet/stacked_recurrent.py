@@ -51,7 +51,10 @@ class StackedRecurrence(_SlopedRecurrence, _Sizes):
     """The layers of R runs (same class, sizes, quantization and slopes) as one module.
 
     Weight BTQ is refused: its draws come from torch's global RNG inside the quantizer, not
-    from a run's generator, so stacked runs could not reproduce single ones.
+    from a run's generator, so stacked runs could not reproduce single ones. Stacked runs
+    always take the reference loop: a full-precision single run of several layers on torch's
+    fused kernel draws its between-layer dropout inside that kernel, and they equal it only
+    on its reference loop (``fused_full_precision=False``).
     """
 
     run_dims = 1

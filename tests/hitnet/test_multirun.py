@@ -68,7 +68,11 @@ def _models(config: ModelConfig, seeds: list[int]) -> list[RNNLanguageModel]:
     models = []
     for seed in seeds:
         torch.manual_seed(seed)  # as a training stage seeds its run before building it
-        models.append(RNNLanguageModel(config))
+        model = RNNLanguageModel(config)
+        # torch's fused kernel draws its between-layer dropout inside, where no generator
+        # reaches: several FP layers are compared on the reference loop (the same function)
+        model.recurrent.fused_full_precision = config.num_layers == 1
+        models.append(model)
     return models
 
 
@@ -86,7 +90,7 @@ def test_three_distilled_ternary_runs_train_exactly_as_separate_runs(cell):
 
 
 @pytest.mark.slow
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     runs=st.integers(1, 4),
     cell=st.sampled_from(["lstm", "gru"]),
@@ -248,7 +252,7 @@ def test_stacking_refuses_what_it_cannot_reproduce():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("cell", "quant"),
-    [("lstm", TERNARY), ("gru", TERNARY), ("gru", replace(TERNARY, gru_accumulator=True))],
+    [("lstm", TERNARY), ("gru", TERNARY)],
 )
 def test_compiled_stacked_recurrence_equals_the_eager_one(cell, quant):
     """As tests/hitnet/test_compiled.py checks for one run: the compiled recurrence (the GPU
