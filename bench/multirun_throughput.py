@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     # every shape (single, each R) is its own graph of the compiled recurrence
-    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.recompile_limit = 64
     name = device_name(device)
     print(f"device {name}, torch {torch.__version__}, {args.cell}, compile {args.compile_mode}")
     base = measure("single", 1, args, device, None)

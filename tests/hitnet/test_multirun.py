@@ -257,6 +257,7 @@ def test_stacking_refuses_what_it_cannot_reproduce():
 def test_compiled_stacked_recurrence_equals_the_eager_one(cell, quant):
     """As tests/hitnet/test_compiled.py checks for one run: the compiled recurrence (the GPU
     fast path) computes the eager one's function, here for three stacked runs."""
+    torch._dynamo.reset()  # other tests' compiled shapes must not use up the recompile limit
     config = replace(BASE, cell=cell, quant=quant, num_layers=2, lambda_sigma=2.0)
     reference = StackedRecurrence([m.recurrent for m in _models(config, [1, 2, 3])])
     compiled = StackedRecurrence([m.recurrent for m in _models(config, [1, 2, 3])])
