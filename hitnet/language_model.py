@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hitnet.noise import dropout
 from hitnet.quantizers import BTQEvalMode, QuantConfig, ternarize_threshold
 from hitnet.recurrent import RECURRENT_LAYERS
 
@@ -75,6 +76,17 @@ class ModelConfig:
         return cls(**{**fields, "quant": QuantConfig(**fields.get("quant", {}))})
 
 
+def embedding_decoder_weight(config: ModelConfig, weight: Tensor, run_dims: int = 0) -> Tensor:
+    """The embedding's or decoder's weight as the model computes with it: TTQ'd when
+    ``ternary_embedding_decoder`` says so (each of ``run_dims`` stacked runs' on its own)."""
+    if not config.ternary_embedding_decoder:
+        return weight
+    quant = config.quant
+    return ternarize_threshold(
+        weight, quant.ttq_threshold, quant.ttq_scaled, quant.ttq_per_row, run_dims
+    )
+
+
 class RNNLanguageModel(nn.Module):
     """Predicts the next token at every position of a (seq_len, batch) token tensor."""
 
@@ -104,12 +116,6 @@ class RNNLanguageModel(nn.Module):
         if not self.config.tie_weights:
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
 
-    def _maybe_ternary(self, weight: Tensor) -> Tensor:
-        if not self.config.ternary_embedding_decoder:
-            return weight
-        quant = self.config.quant
-        return ternarize_threshold(weight, quant.ttq_threshold, quant.ttq_scaled, quant.ttq_per_row)
-
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> RecurrentState:
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
         zeros = torch.zeros(shape, device=device)
@@ -122,11 +128,19 @@ class RNNLanguageModel(nn.Module):
         state: RecurrentState | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, RecurrentState]:
-        """Returns logits of shape (seq_len, batch, vocab) and the final recurrent state."""
-        embedded = self.dropout(F.embedding(tokens, self._maybe_ternary(self.embedding.weight)))
+        """Returns logits of shape (seq_len, batch, vocab) and the final recurrent state.
+
+        ``generator``: what this pass draws its noise from (dropout masks, BTQ); None: torch's
+        global RNG.
+        """
+        config, p, training = self.config, self.dropout.p, self.training
+        embedded = F.embedding(tokens, embedding_decoder_weight(config, self.embedding.weight))
+        embedded = dropout(embedded, p, training, generator)
         output, state = self.recurrent(embedded, state, generator=generator)
-        output = self.dropout(output)
-        logits = F.linear(output, self._maybe_ternary(self.decoder.weight), self.decoder.bias)
+        output = dropout(output, p, training, generator)
+        logits = F.linear(
+            output, embedding_decoder_weight(config, self.decoder.weight), self.decoder.bias
+        )
         return logits, state
 
 

@@ -202,10 +202,7 @@ class LanguageModelTask(pl.LightningModule):
         val_ppl = self._log_perplexity("val")
         fitting = self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
         if fitting and not self._averaging():
-            if isinstance(self.lr_schedule, ReduceLROnPlateau):
-                self.lr_schedule.step(val_ppl)
-            else:  # fixed milestones: blind to the noise of a ternary model's val curve
-                self.lr_schedule.step()
+            step_lr_schedule(self.lr_schedule, val_ppl)
         self._state, self._nll_sum, self._token_count = self._train_snapshot
 
     def on_test_epoch_start(self) -> None:
@@ -220,26 +217,9 @@ class LanguageModelTask(pl.LightningModule):
     # --- optimisation -----------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
-        # Either lr * lr_decay after each epoch of lr_milestones, or (the classic PTB recipe)
-        # lr / 4 as soon as validation perplexity fails to improve; with lr_threshold, an epoch
-        # improves only if it beats the best by that fraction. Stepped by this module right
-        # after validation, not by Lightning after the epoch: an end-of-epoch checkpoint must
-        # already hold that epoch's step to resume exactly.
-        milestones = self.hparams.get("lr_milestones")
-        self.lr_schedule: torch.optim.lr_scheduler.LRScheduler | ReduceLROnPlateau
-        if milestones:
-            self.lr_schedule = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer, milestones=milestones, gamma=self.hparams.lr_decay
-            )
-        else:
-            self.lr_schedule = ReduceLROnPlateau(
-                optimizer,
-                mode="min",
-                factor=self.hparams.lr_decay,
-                patience=self.hparams.lr_patience,
-                threshold=self.hparams.lr_threshold,
-                threshold_mode="rel",
-            )
+        # Stepped by this module right after validation, not by Lightning after the epoch: an
+        # end-of-epoch checkpoint must already hold that epoch's step to resume exactly.
+        self.lr_schedule = lr_schedule(optimizer, self.hparams)
         if self._resumed_schedule is not None:
             self.lr_schedule.load_state_dict(self._resumed_schedule)
             self._resumed_schedule = None
@@ -257,6 +237,37 @@ class LanguageModelTask(pl.LightningModule):
         self._resumed_schedule = checkpoint.get("hitnet_lr_schedule")
 
 
+LRSchedule = torch.optim.lr_scheduler.LRScheduler | ReduceLROnPlateau
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, hparams: Any) -> LRSchedule:
+    """Either lr * lr_decay after each epoch of lr_milestones, or (the classic PTB recipe)
+    lr / 4 as soon as validation perplexity fails to improve; with lr_threshold, an epoch
+    improves only if it beats the best by that fraction."""
+    milestones = hparams.get("lr_milestones")
+    if milestones:
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=milestones, gamma=hparams["lr_decay"]
+        )
+    return ReduceLROnPlateau(
+        optimizer,
+        mode="min",
+        factor=hparams["lr_decay"],
+        patience=hparams["lr_patience"],
+        threshold=hparams["lr_threshold"],
+        threshold_mode="rel",
+    )
+
+
+def step_lr_schedule(schedule: LRSchedule, val_ppl: float) -> None:
+    """One epoch's step: the plateau rule reads validation; fixed milestones are blind to the
+    noise of a ternary model's val curve."""
+    if isinstance(schedule, ReduceLROnPlateau):
+        schedule.step(val_ppl)
+    else:
+        schedule.step()
+
+
 class Distillation:
     """A frozen teacher run alongside training, its state carried across windows as the
     student's is; gives the soft-target term of the loss."""
@@ -270,21 +281,35 @@ class Distillation:
         self.teacher.to(device)
         self._state = None
 
-    def loss(self, inputs: Tensor, student_logits: Tensor) -> Tensor:
-        """T^2 * KL(teacher || student) per token, on softmaxes at temperature T."""
+    def teacher_logits(self, inputs: Tensor) -> Tensor:
+        """The teacher's logits for this window (its state carried from the last one)."""
         with torch.no_grad():
             if self._state is None:
                 self._state = self.teacher.initial_state(inputs.size(1), inputs.device)
-            teacher_logits, self._state = self.teacher(inputs, self._state)
+            logits, self._state = self.teacher(inputs, self._state)
+        return logits
+
+    def loss(self, inputs: Tensor, student_logits: Tensor) -> Tensor:
+        """T^2 * KL(teacher || student) per token, on softmaxes at temperature T."""
         vocab = student_logits.size(-1)
-        t = self.temperature
-        divergence = F.kl_div(
-            F.log_softmax(student_logits.view(-1, vocab) / t, dim=-1),
-            F.log_softmax(teacher_logits.view(-1, vocab) / t, dim=-1),
-            reduction="batchmean",
-            log_target=True,
+        return soft_target_loss(
+            student_logits.reshape(-1, vocab),
+            self.teacher_logits(inputs).reshape(-1, vocab),
+            self.temperature,
         )
-        return divergence * t * t
+
+
+def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(teacher || student) per token, on softmaxes at temperature T.
+
+    ``teacher_logits`` (tokens, vocab); ``student_logits`` (..., tokens, vocab): leading
+    dimensions are stacked runs, each given its own loss against the one teacher.
+    """
+    t = temperature
+    student = F.log_softmax(student_logits / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits / t, dim=-1).expand_as(student)
+    divergence = F.kl_div(student, teacher, reduction="none", log_target=True)
+    return divergence.sum((-2, -1)) / student.size(-2) * t * t
 
 
 def _get_rng_state() -> dict[str, Any]:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from hitnet.data import Vocabulary
-from hitnet.language_model import ModelConfig, RNNLanguageModel
+from hitnet.language_model import ModelConfig, RNNLanguageModel, embedding_decoder_weight
 from hitnet.quantizers import BTQEvalMode
 
 FORMAT = "hitnet-packed"
@@ -113,7 +113,7 @@ def _quantized_weights(model: RNNLanguageModel) -> dict[str, Tensor]:
                 weights[name] = recurrent.weight_quantizer(weights[name]).detach()
         for name in ("embedding.weight", "decoder.weight"):
             if name in weights:  # the model's own function, so the file holds what it computes
-                weights[name] = model._maybe_ternary(weights[name]).detach()
+                weights[name] = embedding_decoder_weight(model.config, weights[name]).detach()
     return weights
 
 

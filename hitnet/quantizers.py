@@ -41,17 +41,26 @@ def straight_through(x: Tensor, quantized: Tensor) -> Tensor:
 
 
 def ternarize_threshold(
-    w: Tensor, threshold: float = 0.7, scaled: bool = True, per_row: bool = False
+    w: Tensor,
+    threshold: float = 0.7,
+    scaled: bool = True,
+    per_row: bool = False,
+    run_dims: int = 0,
 ) -> Tensor:
     """TTQ: delta = threshold * mean|w|; keep sign(w) where |w| > delta, else 0.
 
     The kept entries are scaled by alpha = mean |w| over them (TWN), or by 1 when
     ``scaled`` is False, giving pure {-1, 0, 1}. ``per_row``: delta and alpha per row (one
-    output unit of a weight matrix) instead of one pair for the whole tensor. Gradient:
-    straight through to ``w``.
+    output unit of a weight matrix) instead of one pair for the whole tensor. ``run_dims``:
+    that many leading dimensions index stacked runs' tensors, each ternarized on its own.
+    Gradient: straight through to ``w``.
     """
     magnitude = w.detach().abs()
-    over = {"dim": -1, "keepdim": True} if per_row else {}  # the reductions' extent
+    over: dict = {}  # the reductions' extent: the whole tensor
+    if per_row:
+        over = {"dim": -1, "keepdim": True}
+    elif run_dims:
+        over = {"dim": tuple(range(run_dims, w.dim())), "keepdim": True}
     delta = threshold * magnitude.mean(**over)
     keep = magnitude > delta
     ternary = torch.sign(w.detach()) * keep
@@ -162,18 +171,20 @@ class WeightQuantizer(nn.Module):
 
     BTQ on weights, as UQ, works on the weights clipped to [-1, 1], unscaled; its draws come
     from torch's global RNG, one per forward pass, in evaluation too (rounded, every weight
-    under 0.5 in magnitude would be 0).
+    under 0.5 in magnitude would be 0). ``run_dims``: leading dimensions that index stacked
+    runs' matrices (``hitnet.stacked_recurrent``), each quantized on its own.
     """
 
-    def __init__(self, config: QuantConfig) -> None:
+    def __init__(self, config: QuantConfig, run_dims: int = 0) -> None:
         super().__init__()
         self.config = config
+        self.run_dims = run_dims
 
     def forward(self, weight: Tensor) -> Tensor:
         config = self.config
         if config.weight == "ttq":
             return ternarize_threshold(
-                weight, config.ttq_threshold, config.ttq_scaled, config.ttq_per_row
+                weight, config.ttq_threshold, config.ttq_scaled, config.ttq_per_row, self.run_dims
             )
         if config.weight == "uq":
             return quantize_uniform(weight, config.uq_bits)
@@ -192,13 +203,15 @@ class ActivationQuantizer(nn.Module):
     fraction ``p`` of the quantization noise, so a model can move from full precision to
     ternary by degrees. ``p`` lives in a buffer filled in place, so a compiled recurrence
     (CUDA graphs included) reads each new value without recompiling. Evaluation is always
-    fully quantized.
+    fully quantized. ``run_dims``: leading dimensions that index stacked runs, whose
+    activations TTQ thresholds each on their own.
     """
 
-    def __init__(self, config: QuantConfig, group: str) -> None:
+    def __init__(self, config: QuantConfig, group: str, run_dims: int = 0) -> None:
         super().__init__()
         self.config = config
         self.group = group
+        self.run_dims = run_dims
         self.enabled = config.quantizes(group)
         self.warming_up = False  # True once set_noise_level was called
         # Not persistent: a schedule of training, not part of the model (FP checkpoints load).
@@ -226,7 +239,9 @@ class ActivationQuantizer(nn.Module):
             deterministic = not self.training and self.config.btq_eval == "deterministic"
             return ternarize_bernoulli(x, uniform=uniform, deterministic=deterministic)
         if kind == "ttq":
-            return ternarize_threshold(x, self.config.ttq_threshold, scaled=False)
+            return ternarize_threshold(
+                x, self.config.ttq_threshold, scaled=False, run_dims=self.run_dims
+            )
         return quantize_uniform(x, self.config.uq_bits)
 
     def extra_repr(self) -> str:

@@ -17,7 +17,9 @@ recurrence below, one time step at a time:
           ternary a_t is itself ternary, so this equals the plain GRU
 
 with weights W = Q_w(W_shadow) quantized once per forward pass. ``compile_recurrence``
-runs that same recurrence through ``torch.compile`` (the fast path on a GPU).
+runs that same recurrence through ``torch.compile`` (the fast path on a GPU). The step
+functions also take R stacked runs at once (weights with a leading run dimension, see
+``linear``): ``hitnet.stacked_recurrent`` runs them so.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hitnet.noise import dropout
+from hitnet.noise import uniform as draw_uniform
 from hitnet.quantizers import ActivationQuantizer, QuantConfig, WeightQuantizer, straight_through
 
 
@@ -60,6 +64,14 @@ def _slot(uniform: Tensor | None, index: int) -> Tensor | None:
     return None if uniform is None else uniform[index]
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``F.linear``; or, for stacked runs' weights (R, out, in) and biases (R, out), run r's
+    applied to ``x[..., r, :, :]`` (x of shape (..., R, n, in)) as one batched matmul."""
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    return torch.matmul(x, weight.mT) + bias.unsqueeze(-2)
+
+
 def lstm_step(
     cell: Cell,
     projected: Tensor,
@@ -70,7 +82,7 @@ def lstm_step(
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One LSTM step; ``uniform`` holds the draws for i, f, g, o, h. Returns (h, (h, c))."""
     h, c = state
-    i, f, g, o = (projected + F.linear(h, w_hh, b_hh)).chunk(4, dim=1)
+    i, f, g, o = (projected + linear(h, w_hh, b_hh)).chunk(4, dim=-1)
     ls, lt, unit = cell.lambda_sigma, cell.lambda_tanh, cell.unit_slope_gradient
     i = cell.gates(sloped(torch.sigmoid, i, ls, unit), _slot(uniform, 0))
     f = cell.gates(sloped(torch.sigmoid, f, ls, unit), _slot(uniform, 1))
@@ -91,8 +103,8 @@ def _gru_update(
     uniform: Tensor | None,
 ) -> Tensor:
     """(1 - z) * n + z * memory, with gates and candidate computed from h."""
-    x_r, x_z, x_n = projected.chunk(3, dim=1)
-    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
+    x_r, x_z, x_n = projected.chunk(3, dim=-1)
+    h_r, h_z, h_n = linear(h, w_hh, b_hh).chunk(3, dim=-1)
     ls, lt, unit = cell.lambda_sigma, cell.lambda_tanh, cell.unit_slope_gradient
     r = cell.gates(sloped(torch.sigmoid, x_r + h_r, ls, unit), _slot(uniform, 0))
     z = cell.gates(sloped(torch.sigmoid, x_z + h_z, ls, unit), _slot(uniform, 1))
@@ -133,6 +145,13 @@ def gru_accumulator_step(
 Step = Callable[..., tuple[Tensor, object]]
 
 
+def cell_step(cell: str, quant: QuantConfig) -> Step:
+    """The step function of ``cell`` (lstm or gru) under ``quant``."""
+    if cell == "lstm":
+        return lstm_step
+    return gru_accumulator_step if quant.gru_accumulator else gru_step
+
+
 def run_layer(
     step: Step,
     cell: Cell,
@@ -145,7 +164,7 @@ def run_layer(
     w_ih, w_hh, b_ih, b_hh = weights
     w_ih, w_hh = cell.weight(w_ih), cell.weight(w_hh)  # quantized once per forward pass
     # The input projection needs no recurrence: one matmul for the whole sequence.
-    projected = F.linear(layer_input, w_ih, b_ih)
+    projected = linear(layer_input, w_ih, b_ih)
     outputs = []
     for t in range(layer_input.size(0)):
         output, state = step(cell, projected[t], state, w_hh, b_hh, _slot(uniform, t))
@@ -154,10 +173,12 @@ def run_layer(
 
 
 class _SlopedRecurrence:
-    """What the sloped LSTM and GRU share: quantizers, slopes and the loop over layers."""
+    """What the sloped LSTM and GRU share: quantizers, slopes and the loop over layers (and
+    what ``hitnet.stacked_recurrent`` shares with them)."""
 
+    cell_type: str  # lstm or gru
     noise_slots: int  # uniform draws per unit and step: one per quantized activation
-    step: Step
+    run_dims = 0  # leading dimensions of stacked runs in weights and activations
 
     def __init__(
         self,
@@ -191,10 +212,19 @@ class _SlopedRecurrence:
     def quant(self, config: QuantConfig) -> None:
         """A new config takes effect at once: the quantizers are rebuilt from it."""
         self._quant = config
-        self.weight_quantizer = WeightQuantizer(config)
-        self.gate_quantizer = ActivationQuantizer(config, "gates")
-        self.candidate_quantizer = ActivationQuantizer(config, "candidate")
-        self.hidden_quantizer = ActivationQuantizer(config, "hidden")
+        self.weight_quantizer = WeightQuantizer(config, self.run_dims)
+        self.gate_quantizer = ActivationQuantizer(config, "gates", self.run_dims)
+        self.candidate_quantizer = ActivationQuantizer(config, "candidate", self.run_dims)
+        self.hidden_quantizer = ActivationQuantizer(config, "hidden", self.run_dims)
+
+    @property
+    def step(self) -> Step:
+        return cell_step(self.cell_type, self.quant)
+
+    @property
+    def paired_state(self) -> bool:
+        """True when the state is a pair, (h, c) or (h, a), rather than h alone."""
+        return self.cell_type == "lstm" or self.quant.gru_accumulator
 
     def compile_recurrence(self, mode: str | None = "reduce-overhead") -> None:
         """Runs each layer's recurrence through ``torch.compile`` (None: back to eager).
@@ -251,17 +281,37 @@ class _SlopedRecurrence:
             self.quant.slope_gradient == "unit",
         )
 
+    @property
+    def draws_noise(self) -> bool:
+        """True when a forward pass in the current mode draws BTQ noise."""
+        btq_eval_deterministic = not self.training and self.quant.btq_eval == "deterministic"
+        return self.quant.needs_noise and not btq_eval_deterministic
+
     def _draw_uniform(self, input: Tensor, generator: torch.Generator | None) -> Tensor | None:
         """All U[0,1) draws of one layer's forward pass at once, shaped (T, slot, B, H)."""
-        btq_eval_deterministic = not self.training and self.quant.btq_eval == "deterministic"
-        if not self.quant.needs_noise or btq_eval_deterministic:
+        if not self.draws_noise:
             return None
         seq_len, batch = input.shape[:2]
-        shape = (seq_len, self.noise_slots, batch, self.hidden_size)
-        return torch.rand(shape, generator=generator, device=input.device, dtype=input.dtype)
+        return draw_uniform((seq_len, self.noise_slots, batch, self.hidden_size), input, generator)
+
+    def _dropout(self, layer_input: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Dropout between layers, its mask drawn from ``generator`` when one is given."""
+        return dropout(layer_input, self.dropout, self.training, generator)
+
+    def _per_layer(self, hx: Tensor | tuple[Tensor, Tensor]) -> list[object]:
+        """The initial state as one entry per layer."""
+        if self.paired_state:
+            return [(hx[0][layer], hx[1][layer]) for layer in range(self.num_layers)]
+        return list(hx.unbind(0))
+
+    def _joined(self, final: list[object]) -> Tensor | tuple[Tensor, Tensor]:
+        """The final states of all layers, stacked as the initial state came."""
+        if self.paired_state:
+            return torch.stack([h for h, _ in final]), torch.stack([c for _, c in final])
+        return torch.stack(final)
 
     def _run_layers(
-        self, input: Tensor, initial_states: list[object], generator: torch.Generator | None
+        self, input: Tensor, initial_states: list[object], generator: object
     ) -> tuple[Tensor, list[object]]:
         """Runs every layer in turn, with dropout between layers as torch does."""
         if self.compile_mode == "reduce-overhead":
@@ -281,15 +331,15 @@ class _SlopedRecurrence:
             )
             final_states.append(state)
             if layer < self.num_layers - 1 and self.dropout > 0:
-                layer_input = F.dropout(layer_input, self.dropout, self.training)
+                layer_input = self._dropout(layer_input, generator)
         return layer_input, final_states
 
 
 class SlopedLSTM(_SlopedRecurrence, nn.LSTM):
     """``torch.nn.LSTM`` (sequence-first) with sloping factors and HitNet quantization."""
 
+    cell_type = "lstm"
     noise_slots = 5  # i, f, g, o, h
-    step = staticmethod(lstm_step)
 
     def forward(  # type: ignore[override]
         self,
@@ -305,11 +355,8 @@ class SlopedLSTM(_SlopedRecurrence, nn.LSTM):
             self._check_state(state, input, name)
         if self.uses_fused_kernel:
             return nn.LSTM.forward(self, input, hx)
-        initial = [(hx[0][layer], hx[1][layer]) for layer in range(self.num_layers)]
-        output, final = self._run_layers(input, initial, generator)
-        h_n = torch.stack([h for h, _ in final])
-        c_n = torch.stack([c for _, c in final])
-        return output, (h_n, c_n)
+        output, final = self._run_layers(input, self._per_layer(hx), generator)
+        return output, self._joined(final)
 
 
 class SlopedGRU(_SlopedRecurrence, nn.GRU):
@@ -318,11 +365,8 @@ class SlopedGRU(_SlopedRecurrence, nn.GRU):
     With ``quant.gru_accumulator`` the state is a pair (h, a), shaped as the LSTM's (h, c).
     """
 
+    cell_type = "gru"
     noise_slots = 4  # r, z, n, h
-
-    @property
-    def step(self) -> Step:  # type: ignore[override]
-        return gru_accumulator_step if self.quant.gru_accumulator else gru_step
 
     def forward(  # type: ignore[override]
         self,
@@ -341,12 +385,8 @@ class SlopedGRU(_SlopedRecurrence, nn.GRU):
             self._check_state(state, input, name)
         if self.uses_fused_kernel:
             return nn.GRU.forward(self, input, hx)
-        if not self.quant.gru_accumulator:
-            output, final = self._run_layers(input, list(hx.unbind(0)), generator)
-            return output, torch.stack(final)
-        initial = [(hx[0][layer], hx[1][layer]) for layer in range(self.num_layers)]
-        output, final = self._run_layers(input, initial, generator)
-        return output, (torch.stack([h for h, _ in final]), torch.stack([a for _, a in final]))
+        output, final = self._run_layers(input, self._per_layer(hx), generator)
+        return output, self._joined(final)
 
 
 RECURRENT_LAYERS: dict[str, type[SlopedLSTM] | type[SlopedGRU]] = {

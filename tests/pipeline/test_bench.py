@@ -98,3 +98,41 @@ def test_cpu_inference_measures_every_variant_against_its_baseline(tmp_path: Pat
             if table == "scoring":
                 assert math.isclose(row["tokens_per_s"], batch * 5 / (row["median_ms"] / 1e3))
     assert "ternary from the packed file" in result.stdout
+
+
+def test_multirun_throughput_measures_stacked_and_sequential_runs_against_one(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "multirun.json"
+    repo = Path(__file__).resolve().parents[2]
+    result = run_tool(
+        repo,
+        sys.executable,
+        "bench/multirun_throughput.py",
+        *("--device", "cpu", "--cell", "gru", "--runs", "1", "3", "--steps", "2"),
+        *("--warmup", "1", "--hidden", "8", "--vocab", "30", "--batch", "2", "--bptt", "3"),
+        *("--json", str(out)),
+    )
+    report = json.loads(out.read_text())
+    assert (report["cell"], report["compile"], report["distill"]) == ("gru", None, True)
+    base, *rows = report["rows"]
+    assert (base["mode"], base["runs"], base["step_ratio"], base["throughput_ratio"]) == (
+        "single",
+        1,
+        1.0,
+        1.0,
+    )
+    assert [(row["mode"], row["runs"]) for row in rows] == [
+        ("stacked", 1),
+        ("sequential", 1),
+        ("stacked", 3),
+        ("sequential", 3),
+    ]
+    for row in [base, *rows]:
+        per_min = row["runs"] * 60e3 / (row["median_ms"] * report["epoch_steps"])
+        assert math.isclose(row["epochs_per_min"], per_min)
+        assert math.isclose(row["throughput_ratio"], per_min / base["epochs_per_min"])
+        assert math.isclose(row["step_ratio"], row["median_ms"] / base["median_ms"])
+        assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
+        assert math.isfinite(row["final_loss"])
+    assert "| stacked | 3 |" in result.stdout
