@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import torch
 import yaml
@@ -330,6 +330,16 @@ class Params(Section):
                         f"must be increasing epochs before the {cell}'s last ({recipe.epochs})"
                     )
         return self
+
+    def used_by_cell(self, sections: set[str], cell: CellType) -> dict[str, Any]:
+        """``sections`` as a stage of ``cell`` reads them, with each ``per_cell`` reduced to
+        ``cell``'s entry: the keys dvc.yaml lists for the stage, the resume fingerprint and
+        the MLflow params (another cell's entry changes none of them)."""
+        used = self.model_dump(include=sections)
+        for section in used.values():
+            if isinstance(section, dict) and "per_cell" in section:
+                section["per_cell"] = {cell: section["per_cell"].get(cell) or {}}
+        return used
 
     def with_searched(self, values: dict[str, float]) -> Params:
         """These params with searched values (a trial's, or a sweep's best) in place: a

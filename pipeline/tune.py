@@ -377,6 +377,12 @@ def write_outputs(trials: pd.DataFrame, out_dir: Path, horizon: int) -> dict[str
     return best_json
 
 
+def used_params(params: Params, cell: CellType) -> dict:
+    """What a sweep depends on (dvc.yaml's params of the stage; the resume fingerprint)."""
+    sections = {"seed", "data", "model", "quant", "train_ternary", "tune", "hardware"}
+    return params.used_by_cell(sections, cell)
+
+
 def sweep(
     params: Params, cell: CellType, data_dir: Path, fp_checkpoint: Path, out_dir: Path
 ) -> dict[str, Any]:
@@ -385,8 +391,7 @@ def sweep(
 
     if not Path(fp_checkpoint).is_file():
         raise FileNotFoundError(f"{fp_checkpoint}: no FP checkpoint for the sweep to start from")
-    sections = {"seed", "data", "model", "quant", "train_ternary", "tune"}
-    used = {**params.model_dump(include=sections), "cell": cell}
+    used = {**used_params(params, cell), "cell": cell}
     name = f"tune-{cell}-{fingerprint(used, fp_checkpoint)}"
     # beside the Tune experiment it belongs to: a restored sweep goes on in the same run
     run_id_file = Path(params.tune.storage).resolve() / f"{name}.mlflow_run_id"
