@@ -17,7 +17,13 @@ from dvc.repo import Repo
 from pipeline import study, train, tune
 from pipeline.params import Params
 from tests.conftest import REPO_ROOT
-from tests.pipeline.conftest import SMOKE_SEEDS, make_smoke_project, run_tool, write_params
+from tests.pipeline.conftest import (
+    SMOKE_SEEDS,
+    commit_stand_in_outputs,
+    make_smoke_project,
+    run_tool,
+    write_params,
+)
 
 # What each per-cell stage reads, by the stage's own account (hashed for resume, logged).
 USED: dict[str, Callable[[Params, str], dict]] = {
@@ -116,17 +122,7 @@ def _changed_stages(project: Path) -> set[str]:
 def test_dvc_reruns_only_the_edited_cells_stages(tmp_path: Path):
     """DVC itself, on a smoke project whose lock is recorded (``dvc commit`` of stand-in
     outputs: the params part of the lock is what a repro writes)."""
-    project = make_smoke_project(tmp_path / "project")
-    for stage in _stages(project).values():
-        for out in stage.outs:
-            path = project / str(out.def_path)
-            if "." in path.name:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("stand-in\n")
-            else:
-                path.mkdir(parents=True, exist_ok=True)
-                (path / "stand-in").write_text("stand-in\n")
-    run_tool(project, "dvc", "commit", "--force")
+    project = commit_stand_in_outputs(make_smoke_project(tmp_path / "project"))
     assert _changed_stages(project) == set()
 
     ternary = {"gru": {"lr": 1.5}}
