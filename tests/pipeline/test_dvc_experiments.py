@@ -39,7 +39,6 @@ def test_git_keeps_every_metric_and_plot_and_ignores_the_cached_outputs():
     assert [path for path in cached if not _git_ignores(path)] == []
 
 
-@pytest.mark.slow
 def test_dvc_push_works_with_the_default_local_remote(tmp_path: Path):
     project = commit_stand_in_outputs(make_smoke_project(tmp_path / "project"))
     pushed = run_tool(project, "dvc", "push")
