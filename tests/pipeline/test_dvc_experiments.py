@@ -77,6 +77,12 @@ def test_an_experiment_in_a_temporary_copy_finds_the_corpus_and_keeps_its_runs(t
     shown = json.loads(run_tool(project, "dvc", "exp", "show", "--json").stdout)
     metrics = _experiment_metrics(shown, "tmp-fp")["runs/fp/lstm/metrics.json"]["data"]
     assert metrics["val_ppl"] > 1 and metrics["epochs"] == 2
+    diff = json.loads(
+        run_tool(project, "dvc", "metrics", "diff", "--json", "HEAD", "tmp-fp").stdout
+    )
+    assert diff["runs/fp/lstm/metrics.json"]["val_ppl"]["new"] == metrics["val_ppl"]
+    run_tool(project, "dvc", "plots", "diff", "HEAD", "tmp-fp", "-o", str(tmp_path / "plots"))
+    assert "runs/fp/lstm/history.csv" in (tmp_path / "plots" / "index.html").read_text()
     # the stages' MLflow runs are in the workspace's store, their artifacts beside it
     with sqlite3.connect(project / "mlflow.db") as store:
         artifact_uris = [uri for (uri,) in store.execute("SELECT artifact_uri FROM runs")]
