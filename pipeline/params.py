@@ -7,8 +7,9 @@ that names the dotted key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import torch
 import yaml
@@ -31,6 +32,14 @@ Milestones = Annotated[list[PositiveInt], Field(min_length=1)]
 QUANT_SEARCHED = ("lambda_sigma", "lambda_tanh", "ttq_threshold")
 RECIPE_SEARCHED = ("lr", "dropout")  # of train_ternary
 SEARCHED = QUANT_SEARCHED + RECIPE_SEARCHED
+
+
+def project_root() -> Path:
+    """The project's root: ``DVC_ROOT``, which DVC gives every stage, else the working
+    directory. In `dvc exp run --temp` and queued experiments a stage runs in a temporary
+    copy while ``DVC_ROOT`` names the workspace: what lies outside the copy (the PTB folder,
+    the local MLflow store) is found from there."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 class ParamsError(ValueError):
@@ -74,6 +83,10 @@ class DataParams(Section):
     max_tokens: Annotated[int, Field(ge=2)] | None = None  # first N tokens a split (smoke runs)
     allow_unknown: bool = False
     verify_checksums: bool = True  # PTB's sha256; turn off for another PTB-format corpus
+
+    def source_dir(self) -> Path | None:
+        """``source`` as a folder; a relative one is taken from the project root."""
+        return None if self.source is None else project_root() / self.source
 
 
 class ModelParams(Section):
@@ -330,6 +343,16 @@ class Params(Section):
                         f"must be increasing epochs before the {cell}'s last ({recipe.epochs})"
                     )
         return self
+
+    def used_by_cell(self, sections: set[str], cell: CellType) -> dict[str, Any]:
+        """``sections`` as a stage of ``cell`` reads them, with each ``per_cell`` reduced to
+        ``cell``'s entry: the keys dvc.yaml lists for the stage, the resume fingerprint and
+        the MLflow params (another cell's entry changes none of them)."""
+        used = self.model_dump(include=sections)
+        for section in used.values():
+            if isinstance(section, dict) and "per_cell" in section:
+                section["per_cell"] = {cell: section["per_cell"].get(cell) or {}}
+        return used
 
     def with_searched(self, values: dict[str, float]) -> Params:
         """These params with searched values (a trial's, or a sweep's best) in place: a

@@ -40,8 +40,9 @@ def sha256_of(path: Path) -> str:
 
 def fetch(data: DataParams, name: str, dest: Path) -> None:
     """Copies ``name`` from ``data.source``, or downloads it from ``data.url``."""
-    if data.source is not None:
-        source = Path(data.source) / name
+    folder = data.source_dir()
+    if folder is not None:
+        source = folder / name
         if not source.is_file():
             raise CorpusError(f"data.source: {source} not found (expected PTB's {name} there)")
         shutil.copyfile(source, dest)

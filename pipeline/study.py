@@ -398,10 +398,10 @@ def flat_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def used_params(params: Params) -> dict:
+def used_params(params: Params, cell: CellType) -> dict:
     """What the study depends on (dvc.yaml's params of the stage; the resume fingerprint)."""
     include = {"seed", "data", "model", "quant", "train_ternary", "study", "hardware"}
-    return params.model_dump(include=include)
+    return params.used_by_cell(include, cell)
 
 
 def study(
@@ -414,7 +414,7 @@ def study(
 ) -> dict[str, Any]:
     if not Path(fp_checkpoint).is_file():
         raise FileNotFoundError(f"{fp_checkpoint}: no FP model there (stage train_fp@{cell})")
-    used = used_params(params)
+    used = used_params(params, cell)
     work_dir = Path(work_root) / f"study-{cell}-{fingerprint(used, fp_checkpoint)}"
     work_dir.mkdir(parents=True, exist_ok=True)
     name = f"study@{cell}"

@@ -1,6 +1,6 @@
 """MLflow wiring: one run per stage execution, per-epoch metrics with step = epoch.
 
-The store is ``sqlite:///mlflow.db`` in the working directory unless ``MLFLOW_TRACKING_URI``
+The store is ``sqlite:///mlflow.db`` in the project root unless ``MLFLOW_TRACKING_URI``
 names another (a tracking server, say). A server that cannot be reached is an error at stage
 start, before any training. During training a failed MLflow call does not stop the run: the
 metrics are on disk already (DVC's files) and the call is retried at the next epoch and at
@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.model_registry import log_registered_model, set_best
-from pipeline.params import TrackingParams
+from pipeline.params import TrackingParams, project_root
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REACHABILITY_TIMEOUT_S = 10
 
 
@@ -36,8 +35,14 @@ class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be used; the message names its URI."""
 
 
+def default_tracking_uri() -> str:
+    """``mlflow.db`` in the project root, absolute: the same store from a DVC experiment's
+    temporary copy (project_root)."""
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def redacted(uri: str) -> str:
@@ -190,7 +195,12 @@ class StageRun:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        return self.client.create_experiment(name)
+        # The local store's artifacts beside it, not under the working directory (MLflow's
+        # default), which a DVC experiment's temporary copy deletes.
+        local = self.uri == default_tracking_uri()
+        return self.client.create_experiment(
+            name, artifact_location=(project_root() / "mlruns").as_uri() if local else None
+        )
 
     def _logged_steps(self) -> set[tuple[str, int]]:
         keys = self.client.get_run(self.run_id).data.metrics

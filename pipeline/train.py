@@ -50,12 +50,10 @@ def stage_name(kind: Kind, cell: CellType, seed: int | None = None) -> str:
     return f"train_{kind}@{cell}" + ("" if seed is None else f"-{seed}")
 
 
-def used_params(params: Params, kind: Kind) -> dict:
+def used_params(params: Params, kind: Kind, cell: CellType) -> dict:
     """The params a training depends on (what DVC tracks for the stage, and what is hashed)."""
-    used = params.model_dump(include={"seed", "data", "model", "hardware", f"train_{kind}"})
-    if kind == "ternary":
-        used["quant"] = params.quant.model_dump()
-    return used
+    sections = {"seed", "data", "model", "hardware", f"train_{kind}"}
+    return params.used_by_cell(sections | ({"quant"} if kind == "ternary" else set()), cell)
 
 
 def train(
@@ -78,7 +76,7 @@ def train(
         raise FileNotFoundError(f"--init {init_from}: no full-precision checkpoint there")
     if init_from is None and params.recipe(kind, cell).distill_weight > 0:
         raise ParamsError(f"{name}: distill_weight > 0 needs the FP model to distil from (--init)")
-    used = used_params(params, kind)
+    used = used_params(params, kind, cell)
     work_dir = Path(work_root) / f"{name.replace('@', '-')}-{fingerprint(used, init_from)}"
     last = work_dir / "last.ckpt"
     resuming = last.is_file()

@@ -31,6 +31,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import pandas as pd
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
 
@@ -102,28 +103,36 @@ def trial_params(params: Params, cell: CellType, config: dict[str, float]) -> Pa
     return searched.model_copy(update={"train_ternary": recipe})
 
 
-class _ReportToTune(Checkpoint):
-    """After each epoch: a Lightning checkpoint as a Tune checkpoint, with ``val_ppl``.
+TRIAL_CHECKPOINT = "trial.ckpt"  # the file in each Tune checkpoint
 
-    A ``Checkpoint`` so that Lightning calls it after the module logged the epoch's metrics.
-    ``fail_at_epoch`` (tests only) raises once, in a trial's first attempt.
-    """
 
-    def __init__(self, fail_at_epoch: int | None) -> None:
-        self.fail_at_epoch = fail_at_epoch
+def report_to_tune() -> pl.Callback:
+    """Ray's callback: after each epoch, ``train_ppl`` and ``val_ppl`` with the Trainer's
+    checkpoint (Ray counts the reports as ``training_iteration``: the epoch)."""
+    from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from ray import tune
+    # A Checkpoint too: Lightning calls those after the module's on_train_epoch_end, where
+    # train_ppl is logged; Ray's callback alone runs before it and misses that epoch's value.
+    class ReportAfterTheModule(TuneReportCheckpointCallback, Checkpoint):
+        pass
 
-        epoch = trainer.current_epoch + 1
-        metrics = {key: float(trainer.callback_metrics[key]) for key in ("train_ppl", "val_ppl")}
-        with tempfile.TemporaryDirectory() as folder:
-            trainer.save_checkpoint(Path(folder) / "trial.ckpt")
-            tune.report(
-                {**metrics, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(folder)
+    return ReportAfterTheModule(
+        ["train_ppl", "val_ppl"], filename=TRIAL_CHECKPOINT, on="train_epoch_end"
+    )
+
+
+class FailOnce(pl.Callback):
+    """``tune.fail_at_epoch`` (tests only): the attempt raises as the next epoch starts, once
+    epoch ``after_epoch`` is reported and checkpointed."""
+
+    def __init__(self, after_epoch: int) -> None:
+        self.after_epoch = after_epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.after_epoch:
+            raise RuntimeError(
+                f"injected failure after epoch {self.after_epoch} (tune.fail_at_epoch)"
             )
-        if epoch == self.fail_at_epoch:
-            raise RuntimeError(f"injected failure after epoch {epoch} (tune.fail_at_epoch)")
 
 
 def train_trial(
@@ -142,15 +151,15 @@ def train_trial(
         resume_from = None
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
-                resume_from = Path(scratch) / "trial.ckpt"
-                shutil.copyfile(Path(folder) / "trial.ckpt", resume_from)
+                resume_from = Path(scratch) / TRIAL_CHECKPOINT
+                shutil.copyfile(Path(folder) / TRIAL_CHECKPOINT, resume_from)
         start_from_fp(task, Path(fp_checkpoint), load_weights=checkpoint is None)
         compile_as_configured(task, params.hardware)
-        fail_at = params.tune.fail_at_epoch if checkpoint is None else None
-        # _ReportToTune is the checkpoint callback: Lightning adds no default one.
-        trainer = build_trainer(
-            params, params.train_ternary, Path(scratch) / "trainer", [_ReportToTune(fail_at)]
-        )
+        # Ray's report is the checkpoint callback: Lightning adds no default one.
+        callbacks = [report_to_tune()]
+        if params.tune.fail_at_epoch is not None and checkpoint is None:  # a first attempt
+            callbacks.append(FailOnce(params.tune.fail_at_epoch))
+        trainer = build_trainer(params, params.train_ternary, Path(scratch) / "trainer", callbacks)
         trainer.fit(task, datamodule, ckpt_path=resume_from)
 
 
@@ -193,10 +202,12 @@ def build_tuner(
     data_dir: Path,
     fp_checkpoint: Path,
     name: str,
+    start: dict[str, float] | None,
     parent_run_id: str | None = None,
 ):
-    """The sweep's Tuner, or the restored one. With ``parent_run_id``, every trial is a
-    nested MLflow run under it while it runs (Ray's logger, in this driver: one writer)."""
+    """The sweep's Tuner, or the restored one; ``start``: the first trial (starting_point).
+    With ``parent_run_id``, every trial is a nested MLflow run under it while it runs (Ray's
+    logger, in this driver: one writer)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -222,7 +233,6 @@ def build_tuner(
     if tune.Tuner.can_restore(str(experiment)):
         print(f"tune: restoring {experiment}; finished trials are kept", flush=True)
         return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
-    start = starting_point(params, cell)
     if start is not None:
         print(f"tune@{cell}: first trial at the configured setting {start}", flush=True)
     searcher = OptunaSearch(seed=params.seed, points_to_evaluate=[start] if start else None)
@@ -257,7 +267,7 @@ def trial_progress(name: str, epochs: int) -> Any:
     class TrialProgress(Callback):
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_):
             print(
-                f"{name} trial {trial.trial_id} epoch {result['epoch']}/{epochs}  "
+                f"{name} trial {trial.trial_id} epoch {result['training_iteration']}/{epochs}  "
                 f"train_ppl {result['train_ppl']:.2f}  val_ppl {result['val_ppl']:.2f}",
                 flush=True,
             )
@@ -292,56 +302,69 @@ def trial_logger(params: Params, cell: CellType, parent_run_id: str):
     )
 
 
-def _trial_rows(results: Any, configured: dict[str, float] | None) -> list[dict[str, Any]]:
-    rows = []
-    for result in results:
-        history = result.metrics_dataframe
-        val = history["val_ppl"].tolist() if history is not None and "val_ppl" in history else []
-        rows.append(
-            {
-                "trial_id": result.metrics.get("trial_id", Path(result.path).name),
-                **{key: result.config[key] for key in SEARCHED if key in result.config},
-                "best_val_ppl": min(val) if val else float("nan"),
-                "epochs": len(val),
-                "val_ppl_history": val,
-                "error": "" if result.error is None else type(result.error).__name__,
-                "configured": configured is not None
-                and all(result.config.get(key) == value for key, value in configured.items()),
-            }
-        )
-    return sorted(rows, key=lambda row: row["trial_id"])
+def trial_table(grid: Any, configured: dict[str, float] | None) -> pd.DataFrame:
+    """One row per trial of a ``ResultGrid``: its searched values, whether it ran the
+    configured setting, its best ``val_ppl`` (Ray's row of the trial's minimum), the epochs it
+    ran (its last ``training_iteration``) and the last line of its error, if any."""
+    best = grid.get_dataframe(filter_metric="val_ppl", filter_mode="min")
+    best_val = best.reindex(columns=["trial_id", "val_ppl"]).set_index("trial_id")["val_ppl"]
+    table = pd.DataFrame(
+        {
+            "trial_id": result.metrics.get("trial_id", Path(result.path).name),
+            **{key: result.config[key] for key in SEARCHED if key in result.config},
+            "configured": configured is not None
+            and all(result.config.get(key) == value for key, value in configured.items()),
+            "epochs": int(result.metrics.get("training_iteration", 0)),
+            "error": "" if result.error is None else _last_line(str(result.error)),
+        }
+        for result in grid
+    )
+    table.insert(len(table.columns) - 2, "best_val_ppl", table["trial_id"].map(best_val))
+    return table.sort_values("trial_id", ignore_index=True)
 
 
-def choose(rows: list[dict[str, Any]], horizon: int) -> dict[str, Any]:
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else text
+
+
+def choose(trials: pd.DataFrame, horizon: int) -> dict[str, Any]:
     """best.json: the best trial of those that ran the whole horizon (ASHA stops the others
     early, so their val is not comparable), and whether it is the configured setting (the
     first trial, ``configured``) or one the sweep found. The configured setting keeps its
-    place unless a trial beats it at the horizon."""
-    finished = [row for row in rows if row["epochs"] > 0]
-    if not finished:
+    place unless a trial beats it at the horizon.
+
+    Hand-written: ``ResultGrid.get_best_result`` can neither leave out the trials ASHA
+    stopped nor prefer the configured setting on a tie."""
+    finished = trials[trials["epochs"] > 0]
+    if finished.empty:
         raise RuntimeError("tune: no trial reported a val_ppl; see the Ray logs above")
-    full = [row for row in finished if row["epochs"] >= horizon] or finished
-    best = min(full, key=lambda row: (row["best_val_ppl"], not row["configured"]))
-    configured = [row for row in finished if row["configured"]]
-    chosen: dict[str, Any] = {key: round(best[key], 6) for key in SEARCHED if key in best}
-    chosen["val_ppl"] = round(best["best_val_ppl"], 4)  # no trial id: it is random
+    full = finished[finished["epochs"] >= horizon]
+    ranked = (full if len(full) else finished).sort_values(
+        ["best_val_ppl", "configured"], ascending=[True, False], kind="stable"
+    )
+    best = ranked.iloc[0]
+    configured = finished[finished["configured"]]
+    chosen: dict[str, Any] = {key: round(float(best[key]), 6) for key in SEARCHED if key in best}
+    chosen["val_ppl"] = round(float(best["best_val_ppl"]), 4)  # no trial id: it is random
     chosen["winner"] = "configured" if best["configured"] else "sweep"
-    chosen["configured_val_ppl"] = round(configured[0]["best_val_ppl"], 4) if configured else None
+    chosen["configured_val_ppl"] = (
+        round(float(configured["best_val_ppl"].iloc[0]), 4) if len(configured) else None
+    )
     return chosen
 
 
-def _write_outputs(rows: list[dict[str, Any]], out_dir: Path, horizon: int) -> dict[str, Any]:
-    best_json = choose(rows, horizon)
+def write_outputs(trials: pd.DataFrame, out_dir: Path, horizon: int) -> dict[str, Any]:
+    """best.json, trials.csv (pandas quotes what needs it) and sweep.png; returns best.json."""
+    best_json = choose(trials, horizon)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "best.json").write_text(json.dumps(best_json, indent=2, sort_keys=True) + "\n")
+    trials.to_csv(out_dir / "trials.csv", index=False)
     searched = [key for key in SEARCHED if key in best_json]
-    columns = ["trial_id", *searched, "configured", "best_val_ppl", "epochs", "error"]
-    lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in rows]
-    (out_dir / "trials.csv").write_text("\n".join(lines) + "\n")
-    finished = [row for row in rows if row["epochs"] > 0]
+    finished = trials[trials["epochs"] > 0]
     figure, axes = plt.subplots(1, len(searched), figsize=(4.5 * len(searched), 4))
     for axis, key in zip(axes, searched, strict=True):
-        axis.scatter([r[key] for r in finished], [r["best_val_ppl"] for r in finished])
+        axis.scatter(finished[key], finished["best_val_ppl"])
         axis.scatter([best_json[key]], [best_json["val_ppl"]], color="red", label="chosen")
         axis.set(xlabel=key, ylabel="best val_ppl", yscale="log")
         if key in LOG_UNIFORM:
@@ -354,6 +377,12 @@ def _write_outputs(rows: list[dict[str, Any]], out_dir: Path, horizon: int) -> d
     return best_json
 
 
+def used_params(params: Params, cell: CellType) -> dict:
+    """What a sweep depends on (dvc.yaml's params of the stage; the resume fingerprint)."""
+    sections = {"seed", "data", "model", "quant", "train_ternary", "tune", "hardware"}
+    return params.used_by_cell(sections, cell)
+
+
 def sweep(
     params: Params, cell: CellType, data_dir: Path, fp_checkpoint: Path, out_dir: Path
 ) -> dict[str, Any]:
@@ -362,20 +391,20 @@ def sweep(
 
     if not Path(fp_checkpoint).is_file():
         raise FileNotFoundError(f"{fp_checkpoint}: no FP checkpoint for the sweep to start from")
-    sections = {"seed", "data", "model", "quant", "train_ternary", "tune"}
-    used = {**params.model_dump(include=sections), "cell": cell}
+    used = {**used_params(params, cell), "cell": cell}
     name = f"tune-{cell}-{fingerprint(used, fp_checkpoint)}"
     # beside the Tune experiment it belongs to: a restored sweep goes on in the same run
     run_id_file = Path(params.tune.storage).resolve() / f"{name}.mlflow_run_id"
+    start = starting_point(params, cell)  # once: it says why when there is none
     with resumable_stage_run(params.tracking, f"tune@{cell}", used, run_id_file) as parent:
         connect_ray()
         try:
             parent_run_id = parent.run_id if isinstance(parent, StageRun) else None
-            results = build_tuner(params, cell, data_dir, fp_checkpoint, name, parent_run_id).fit()
+            tuner = build_tuner(params, cell, data_dir, fp_checkpoint, name, start, parent_run_id)
+            trials = trial_table(tuner.fit(), start)
         finally:
             ray.shutdown()
-        rows = _trial_rows(results, starting_point(params, cell))
-        best = _write_outputs(rows, Path(out_dir), params.tune.epochs)
+        best = write_outputs(trials, Path(out_dir), params.tune.epochs)
         if isinstance(parent, StageRun):
             parent.log_metrics({"best_val_ppl": best["val_ppl"]}, step=0)
             for artifact in ("best.json", "trials.csv", "sweep.png"):

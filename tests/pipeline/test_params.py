@@ -37,7 +37,13 @@ def test_repo_params_give_the_classic_recipe() -> None:
         assert train.clip == 0.25
         assert train.lr_decay == 0.25
     assert params.train_fp.lr == 20.0 and params.train_fp.epochs == 40
-    assert params.train_fp.per_cell == {}
+    # every cell has an entry (dvc.yaml tracks each), and none changes the FP recipe
+    assert set(params.train_fp.per_cell) == {"lstm", "gru"}
+    assert (
+        params.recipe("fp", "gru")
+        == params.recipe("fp", "lstm")
+        == params.train_fp.model_copy(update={"per_cell": {}})
+    )
     # The ternary recipe of the GPU results (results/h100/search*.md), one per cell.
     lstm, gru = params.recipe("ternary", "lstm"), params.recipe("ternary", "gru")
     assert (lstm.lr, lstm.dropout, lstm.lr_patience, lstm.epochs) == (10.0, 0.25, 2, 66)
@@ -385,7 +391,7 @@ def test_per_cell_values_replace_the_shared_recipe_for_that_cell_only(
     assert gru.activation_warmup_steps == 300
     assert gru.clip == params.train_ternary.clip and gru.per_cell == {}
     assert lstm == params.train_ternary.model_copy(update={"per_cell": {}})
-    assert params.recipe("fp", "gru") == params.train_fp
+    assert params.recipe("fp", "gru") == params.train_fp.model_copy(update={"per_cell": {}})
     assert params.build_model_config("gru", vocab_size=50, ternary=True).dropout == 0.1
     # A sweep's lr wins over the cell's own.
     assert params.with_searched({"lr": 4.0}).recipe("ternary", "gru").lr == 4.0

@@ -95,6 +95,24 @@ def test_local_source(ptb_dir: Path, tmp_path: Path) -> None:
     assert_no_staging(out.parent, "ptb")
 
 
+def test_a_relative_source_is_found_from_the_project_root_dvc_names(
+    ptb_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dvc exp run --temp` runs a stage in a copy of the project; DVC_ROOT names the
+    workspace, and a relative data.source is taken from there."""
+    copy_ptb(ptb_dir, tmp_path / "corpus")
+    workspace, copy = tmp_path / "workspace", tmp_path / "workspace/.dvc/tmp/exps/copy"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    stats = prepare(DataParams(source="../corpus"), copy / "data" / "ptb")
+    assert_complete_output(copy / "data" / "ptb", stats)
+    monkeypatch.delenv("DVC_ROOT")  # run by hand: from the working directory
+    assert (
+        DataParams(source="../corpus").source_dir().resolve() == (copy.parent / "corpus").resolve()
+    )
+
+
 def test_local_source_replaces_an_older_output(ptb_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ptb"
     out.mkdir()

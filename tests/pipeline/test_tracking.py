@@ -29,9 +29,14 @@ def _closed_port() -> int:
         return sock.getsockname()[1]  # closed again when the socket is
 
 
-def test_tracking_uri_defaults_to_local_sqlite(monkeypatch):
+def test_tracking_uri_defaults_to_local_sqlite_in_the_project_root(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    # a stage of `dvc exp run --temp` runs in a copy; DVC_ROOT names the workspace
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "workspace"))
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/workspace/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking_uri() == "http://127.0.0.1:5000"
 

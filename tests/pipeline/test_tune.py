@@ -3,6 +3,7 @@ multi-process Ray cluster on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -13,12 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from ray import tune
 
 from pipeline.params import Params, ParamsError, parse_params
-from pipeline.tune import choose, search_space, starting_point, trial_params
+from pipeline.tune import choose, search_space, starting_point, trial_params, write_outputs
 from tests.conftest import REPO_ROOT
 from tests.pipeline.conftest import make_smoke_project, run_tool, tool_env, write_params
 from tests.pipeline.services import (
@@ -110,19 +112,36 @@ def _row(val: float, epochs: int, configured: bool = False, sigma: float = 1.0) 
 def test_the_configured_setting_keeps_its_place_unless_a_trial_beats_it_at_the_horizon():
     configured = _row(120.0, epochs=4, configured=True, sigma=2.0)
     worse, stopped_early = _row(125.0, epochs=4, sigma=0.7), _row(118.0, epochs=1, sigma=3.0)
-    kept = choose([configured, worse, stopped_early], horizon=4)
+    kept = choose(pd.DataFrame([configured, worse, stopped_early]), horizon=4)
     # the early-stopped trial's val is of another epoch: not comparable
     assert kept["winner"] == "configured" and kept["lambda_sigma"] == 2.0
     assert kept["val_ppl"] == kept["configured_val_ppl"] == 120.0
-    found = choose([configured, _row(119.5, epochs=4, sigma=1.5)], horizon=4)
+    found = choose(pd.DataFrame([configured, _row(119.5, epochs=4, sigma=1.5)]), horizon=4)
     assert (found["winner"], found["lambda_sigma"], found["val_ppl"]) == ("sweep", 1.5, 119.5)
     assert found["configured_val_ppl"] == 120.0
-    tie = choose([_row(120.0, epochs=4, sigma=1.5), configured], horizon=4)
+    tie = choose(pd.DataFrame([_row(120.0, epochs=4, sigma=1.5), configured]), horizon=4)
     assert tie["winner"] == "configured"  # a trial must beat it, not equal it
-    no_first_trial = choose([worse], horizon=4)
+    no_first_trial = choose(pd.DataFrame([worse]), horizon=4)
     assert no_first_trial["winner"] == "sweep" and no_first_trial["configured_val_ppl"] is None
+    none_full = choose(pd.DataFrame([stopped_early, _row(130.0, epochs=2)]), horizon=4)
+    assert none_full["lambda_sigma"] == 3.0  # no trial ran the horizon: the best that ran
     with pytest.raises(RuntimeError, match="no trial reported"):
-        choose([_row(float("nan"), epochs=0)], horizon=4)
+        choose(pd.DataFrame([_row(float("nan"), epochs=0)]), horizon=4)
+
+
+def test_trials_csv_quotes_what_needs_quoting_and_reads_back_as_written(tmp_path):
+    error = 'RuntimeError: training diverged: the val loss is nan, "lr 20"'
+    trials = pd.DataFrame(
+        [
+            {**_row(120.0, epochs=4), "trial_id": "a1", "error": ""},
+            {**_row(float("nan"), epochs=0, sigma=2.0), "trial_id": "b2", "error": error},
+        ]
+    )
+    write_outputs(trials, tmp_path, horizon=4)
+    read = pd.read_csv(tmp_path / "trials.csv", keep_default_na=False, na_values=[""])
+    assert read["error"].fillna("").tolist() == ["", error]
+    assert read["lambda_sigma"].tolist() == [1.0, 2.0] and read["epochs"].tolist() == [4, 0]
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_trials_share_a_gpu_by_default_when_the_cluster_has_one():
@@ -150,6 +169,58 @@ def test_bad_tune_params_are_rejected(tune_params, message):
     with pytest.raises(ParamsError) as error:
         parse_params({"tune": tune_params})
     assert message in str(error.value)
+
+
+# A sweep of stand-in trials (val_ppl per epoch by lambda_sigma; None: the attempt raises),
+# read back by the tune stage's own table and outputs.
+FAKE_SWEEP = """
+import sys
+from pathlib import Path
+from pipeline.tune import connect_ray, guard_local_ray, trial_table, write_outputs
+guard_local_ray()
+connect_ray()
+import ray
+from ray import tune
+VALS = {1.0: [300.0, 200.0, 250.0], 2.0: [280.0], 3.0: [310.0, None], 4.0: [None]}
+def trial(config):
+    for val in VALS[config["lambda_sigma"]]:
+        if val is None:
+            raise RuntimeError("training diverged, at lr 20")
+        tune.report({"val_ppl": val, "train_ppl": val + 1})
+space = {"lambda_sigma": tune.grid_search(list(VALS)), "lambda_tanh": 1.0, "ttq_threshold": 0.5}
+run = tune.RunConfig(storage_path=sys.argv[1], name="fake", verbose=0)
+grid = tune.Tuner(trial, param_space=space, run_config=run).fit()
+table = trial_table(grid, {"lambda_sigma": 2.0, "lambda_tanh": 1.0, "ttq_threshold": 0.5})
+write_outputs(table, Path(sys.argv[1]) / "out", horizon=3)
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_the_trial_table_holds_each_trials_best_val_its_epochs_and_its_error(tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    with own_ray(env) as env:
+        swept = subprocess.run(
+            [sys.executable, "-c", FAKE_SWEEP, str(tmp_path)],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "out" / "trials.csv").set_index("lambda_sigma")
+    assert trials["best_val_ppl"].fillna(0).to_dict() == {1.0: 200, 2.0: 280, 3.0: 310, 4.0: 0}
+    assert trials["epochs"].to_dict() == {1.0: 3, 2.0: 1, 3.0: 1, 4.0: 0}
+    assert trials["configured"].to_dict() == {1.0: False, 2.0: True, 3.0: False, 4.0: False}
+    errors = trials["error"].fillna("").to_dict()
+    assert errors[1.0] == errors[2.0] == "" and errors[3.0] == errors[4.0]
+    assert errors[3.0].endswith("RuntimeError: training diverged, at lr 20")
+    assert trials["trial_id"].str.fullmatch(r"\w+").all()
+    best = json.loads((tmp_path / "out" / "best.json").read_text())
+    # the one trial that ran the horizon wins, although its last val (250) is worse
+    assert (best["lambda_sigma"], best["val_ppl"], best["winner"]) == (1.0, 200.0, "sweep")
+    assert best["configured_val_ppl"] == 280.0
 
 
 @pytest.fixture(scope="module")
@@ -263,13 +334,16 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
 
         sweep = _sweep(fp_project, {**env, "RAY_ADDRESS": address}, "tune-cluster")
         # Without RAY_ADDRESS a sweep starts a Ray of its own, even with this cluster the
-        # machine's latest (fault: plain ray.init() joined whatever cluster ran last).
+        # machine's latest (fault: plain ray.init() joined whatever cluster ran last). Its
+        # range leaves the configured threshold (0.5) out: a new sweep, which says so once.
+        write_params(fp_project, {"tune": {"ttq_threshold": [0.6, 1.2]}})
         alone = _sweep(fp_project, env, "tune-alone")
         marker = f"RAY_TMPDIR={env['RAY_TMPDIR']}"
     alone_output = alone.stdout + alone.stderr
     assert alone.returncode == 0, alone_output[-3000:]
     assert "Connecting to existing Ray cluster" not in alone_output
     assert "joining the Ray cluster" not in alone_output
+    assert alone_output.count("no first trial at the configured setting") == 1  # printed twice once
     output = sweep.stdout + sweep.stderr
     assert sweep.returncode == 0, output[-3000:]
     assert f"joining the Ray cluster at {address}" in output and "restoring" not in output
