@@ -275,6 +275,14 @@ def test_a_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(fp_
             assert time.monotonic() < deadline, "no trial finished in time"
             finished = re.findall(r"Trial (train_trial_\w+) completed", log.read_text())
             time.sleep(0.2)
+        # while the sweep runs, its finished trial is in MLflow already: a nested run with val
+        client = MlflowClient(tracking_uri=f"sqlite:///{fp_project / 'mlflow.db'}")
+        (experiment,) = client.search_experiments(filter_string="name = 'hitnet-ptb'")
+        live = client.search_runs([experiment.experiment_id], "tags.`dvc.stage` = 'tune@lstm'")
+        assert any(
+            "mlflow.parentRunId" in run.data.tags and "val_ppl" in run.data.metrics for run in live
+        ), [(run.data.tags.get("mlflow.runName"), run.data.metrics) for run in live]
+        assert driver.poll() is None  # read mid-sweep
         time.sleep(3)  # let Tune write its experiment state once more
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -290,8 +298,6 @@ def test_a_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(fp_
     assert "first trial at the configured setting" in log.read_text()
     assert _ran_the_configured_setting(rows)
     # the killed driver's MLflow run went on: no orphan RUNNING parent (a fault once)
-    client = MlflowClient(tracking_uri=f"sqlite:///{fp_project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("hitnet-ptb")
     sweeps = client.search_runs([experiment.experiment_id], "tags.`dvc.stage` = 'tune@lstm'")
     parents = [run for run in sweeps if "mlflow.parentRunId" not in run.data.tags]
     assert [run.info.status for run in parents] == ["FINISHED"]
