@@ -83,6 +83,7 @@ class StackedRecurrence(_SlopedRecurrence, _Sizes):
         self.cell_type = first.cell_type
         self.noise_slots = first.noise_slots
         self.runs = len(layers)
+        self.compile_recurrence(first.compile_mode)  # compiled as the single runs were
         for name, _ in first.named_parameters():
             stacked = torch.stack([layer.get_parameter(name).detach() for layer in layers])
             self.register_parameter(name, nn.Parameter(stacked))

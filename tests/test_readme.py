@@ -3,6 +3,7 @@ against the file under results/ it comes from."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import statistics
@@ -160,3 +161,19 @@ def test_the_step_time_tables_are_the_benchs_tables(marker: str, path: str):
         median, _, ratio, _, mem_ratio = bench["lstm", label]
         gru_median, _, gru_ratio, _, gru_mem_ratio = bench["gru", label]
         assert cells == [median, ratio, gru_median, gru_ratio, f"{mem_ratio} / {gru_mem_ratio}"]
+
+
+def test_the_stacked_runs_table_is_the_benchs_json():
+    lines = README[README.index("| cell | runs | median step ms") :].splitlines()
+    rows = [line for line in itertools.takewhile(lambda line: line.startswith("|"), lines)][2:]
+    expected = []
+    for cell in ("lstm", "gru"):
+        report = json.loads((RESULTS / f"h200/multirun/{cell}.json").read_text())
+        assert report["device"] == "NVIDIA H200" and report["distill"]
+        for row in report["rows"]:
+            runs = f"{row['runs']} " + ("(single)" if row["mode"] == "single" else row["mode"])
+            expected.append(
+                f"| {cell} | {runs} | {row['median_ms']:.2f} | {row['step_ratio']:.2f}x "
+                f"| {row['epochs_per_min']:.2f} | {row['throughput_ratio']:.2f}x |"
+            )
+    assert rows == expected

@@ -22,6 +22,7 @@ from hitnet.multirun import (
     per_run_training_loss,
 )
 from hitnet.quantizers import QuantConfig, set_activation_noise
+from hitnet.recurrent import run_layer
 from hitnet.stacked_model import StackedLanguageModel
 from hitnet.stacked_recurrent import StackedRecurrence
 
@@ -247,6 +248,18 @@ def test_stacking_refuses_what_it_cannot_reproduce():
         stacked(tokens, generators=_generators([0]))
     with pytest.raises(ValueError, match="states of shape"):
         stacked(tokens, torch.zeros(1, 2, BATCH + 1, 5))
+
+
+@pytest.mark.parametrize("mode", [None, "default", "reduce-overhead"])
+def test_stacked_runs_are_compiled_as_their_single_runs(mode):
+    """A stage compiles each single run's recurrence; stacking them must keep that mode, or
+    the stacked runs fall back to the eager per-step loop (about 10x slower on a GPU)."""
+    models = _models(replace(BASE, quant=TERNARY), [1, 2])
+    for model in models:
+        model.recurrent.compile_recurrence(mode)
+    stacked = StackedLanguageModel(models)
+    assert stacked.recurrent.compile_mode == mode
+    assert (stacked.recurrent._run_layer is run_layer) == (mode is None)
 
 
 @pytest.mark.slow
