@@ -10,7 +10,9 @@ hidden state carried and detached from step to step. Three modes:
   * ``single``: one ``RNNLanguageModel``, the baseline (ratios are against it);
   * ``stacked``: R runs in one ``StackedLanguageModel``, each drawing its noise from its own
     generator (the mode that equals R separate runs, tests/hitnet/test_multirun.py);
-  * ``sequential``: R single-run models stepped one after another in this process.
+  * ``processes``: R single runs in R processes sharing the device (what concurrent stages
+    or sweep trials do), each timed from a common start once all have compiled and warmed up;
+    the row pools every process's step times.
 
 Trial-epochs per minute = R * 60 / (median step seconds * ``--epoch-steps``), by default 1327
 steps, one PTB epoch at batch 20, bptt 35. The model is the recipe's (params.yaml): TTQ
@@ -33,8 +35,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -87,6 +91,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 def build_models(
     config: ModelConfig, runs: int, device: torch.device, compile_mode: str | None
 ) -> list[RNNLanguageModel]:
+    # every shape (single, each R) is its own graph of the compiled recurrence
+    torch._dynamo.config.recompile_limit = 64
     models = []
     for seed in range(runs):
         torch.manual_seed(seed)
@@ -164,8 +170,10 @@ def time_steps(
     steps: list[Step],
     args: argparse.Namespace,
     device: torch.device,
+    before_timing: Callable[[], Any] | None = None,
 ) -> tuple[list[float], float | None, float]:
-    """ms per round of ``steps`` (each called once per round), peak MiB (CUDA), last loss."""
+    """ms per round of ``steps`` (each called once per round), peak MiB (CUDA), last loss;
+    ``before_timing`` is called once the warm-up rounds are done."""
     tokens = torch.randint(args.vocab, (args.bptt + 1, args.batch), device=device)
     inputs, targets = tokens[:-1], tokens[1:]
     if device.type == "cuda":
@@ -173,6 +181,8 @@ def time_steps(
     times, loss = [], torch.zeros(())
     for round_ in range(args.warmup + args.steps):
         sync(device)
+        if round_ == args.warmup and before_timing is not None:
+            before_timing()
         start = time.perf_counter()
         for step in steps:
             loss = step(inputs, targets)
@@ -183,17 +193,50 @@ def time_steps(
     return times, peak, float(loss)
 
 
+def time_one_process(
+    rank: int, args: argparse.Namespace, start: Any, results: Any
+) -> None:  # a spawned process: one single run, timed once every process is ready
+    device = torch.device(args.device)
+    config = model_config(args)
+    (model,) = build_models(config, 1, device, args.compile_mode)
+    step = single_step(model, teacher_for(config, args, device))
+    results.put(time_steps([step], args, device, before_timing=start.wait))
+
+
+def time_processes(runs: int, args: argparse.Namespace) -> tuple[list[float], float | None, float]:
+    """Every process's step times pooled, the largest peak MiB, a last loss."""
+    context = mp.get_context("spawn")  # CUDA cannot be forked
+    start, results = context.Barrier(runs), context.SimpleQueue()
+    processes = [
+        context.Process(target=time_one_process, args=(rank, args, start, results))
+        for rank in range(runs)
+    ]
+    for process in processes:
+        process.start()
+    outcomes = [results.get() for _ in processes]
+    for process in processes:
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"a timing process exited with {process.exitcode}")
+    peaks = [peak for _, peak, _ in outcomes if peak is not None]
+    times = [time for process_times, _, _ in outcomes for time in process_times]
+    return times, max(peaks) if peaks else None, outcomes[-1][2]
+
+
 def measure(
     mode: str, runs: int, args: argparse.Namespace, device: torch.device, base: Row | None
 ) -> Row:
-    config = model_config(args)
-    models = build_models(config, runs, device, args.compile_mode)
-    if mode == "stacked":
-        stacked = StackedLanguageModel(models)
-        steps = [stacked_step(stacked, teacher_for(config, args, device), device)]
+    if mode == "processes":
+        times, peak, loss = time_processes(runs, args)
     else:
-        steps = [single_step(model, teacher_for(config, args, device)) for model in models]
-    times, peak, loss = time_steps(steps, args, device)
+        config = model_config(args)
+        models = build_models(config, runs, device, args.compile_mode)
+        if mode == "stacked":
+            stacked = StackedLanguageModel(models)
+            steps = [stacked_step(stacked, teacher_for(config, args, device), device)]
+        else:
+            steps = [single_step(models[0], teacher_for(config, args, device))]
+        times, peak, loss = time_steps(steps, args, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     median = statistics.median(times)
@@ -251,7 +294,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile mode of the recurrence; auto: reduce-overhead on cuda, none on cpu",
     )
     parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["stacked", "processes"],
+        default=["stacked", "processes"],
+        help="what R runs are timed as, against one single run",
+    )
     parser.add_argument("--hidden", type=int, default=300, help="hidden = embedding size")
     parser.add_argument("--vocab", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=20)
@@ -273,15 +322,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    # every shape (single, each R) is its own graph of the compiled recurrence
-    torch._dynamo.config.recompile_limit = 64
     name = device_name(device)
     print(f"device {name}, torch {torch.__version__}, {args.cell}, compile {args.compile_mode}")
     base = measure("single", 1, args, device, None)
     rows = [base]
-    modes = ["stacked", "sequential"] if args.sequential else ["stacked"]
     for runs in args.runs:
-        for mode in modes:
+        for mode in args.modes:
             rows.append(measure(mode, runs, args, device, base))
             print(json.dumps(asdict(rows[-1])), flush=True)
     print(table(rows, name))

@@ -177,3 +177,6 @@ def test_the_stacked_runs_table_is_the_benchs_json():
                 f"| {row['epochs_per_min']:.2f} | {row['throughput_ratio']:.2f}x |"
             )
     assert rows == expected
+    processes = json.loads((RESULTS / "h200/multirun/processes-gru.json").read_text())["rows"][-1]
+    assert (processes["mode"], processes["runs"]) == ("processes", 6)
+    assert f"gave {processes['throughput_ratio']:.2f}x (GRU" in " ".join(README.split())

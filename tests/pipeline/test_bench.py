@@ -100,7 +100,7 @@ def test_cpu_inference_measures_every_variant_against_its_baseline(tmp_path: Pat
     assert "ternary from the packed file" in result.stdout
 
 
-def test_multirun_throughput_measures_stacked_and_sequential_runs_against_one(
+def test_multirun_throughput_measures_stacked_runs_and_processes_against_one(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "multirun.json"
@@ -109,7 +109,7 @@ def test_multirun_throughput_measures_stacked_and_sequential_runs_against_one(
         repo,
         sys.executable,
         "bench/multirun_throughput.py",
-        *("--device", "cpu", "--cell", "gru", "--runs", "1", "3", "--steps", "2"),
+        *("--device", "cpu", "--cell", "gru", "--runs", "1", "2", "--steps", "2"),
         *("--warmup", "1", "--hidden", "8", "--vocab", "30", "--batch", "2", "--bptt", "3"),
         *("--json", str(out)),
     )
@@ -124,9 +124,9 @@ def test_multirun_throughput_measures_stacked_and_sequential_runs_against_one(
     )
     assert [(row["mode"], row["runs"]) for row in rows] == [
         ("stacked", 1),
-        ("sequential", 1),
-        ("stacked", 3),
-        ("sequential", 3),
+        ("processes", 1),
+        ("stacked", 2),
+        ("processes", 2),
     ]
     for row in [base, *rows]:
         per_min = row["runs"] * 60e3 / (row["median_ms"] * report["epoch_steps"])
@@ -135,4 +135,4 @@ def test_multirun_throughput_measures_stacked_and_sequential_runs_against_one(
         assert math.isclose(row["step_ratio"], row["median_ms"] / base["median_ms"])
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
         assert math.isfinite(row["final_loss"])
-    assert "| stacked | 3 |" in result.stdout
+    assert "| processes | 2 |" in result.stdout
