@@ -1,5 +1,6 @@
 """README's results tables are the pipeline's files, not typed numbers: each figure is checked
-against the file under results/ it comes from."""
+against the file under results/ it comes from. The same holds for the figures of the search
+history that moved from README to results/README.md."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from tests.conftest import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
 RESULTS = REPO_ROOT / "results"
+HISTORY = (RESULTS / "README.md").read_text(encoding="utf-8")
+
+
+def _flat(text: str) -> str:
+    """``text`` with every run of whitespace (line breaks too) as one space."""
+    return " ".join(text.split())
 
 
 def _row(first_cell: str) -> list[str]:
@@ -60,8 +67,8 @@ def test_the_wall_times_are_the_drivers_clock_stamps():
     stamps = _metrics("h200/search12/timing.json")
     fp = stamps["fp_done"] - stamps["start"]
     ternary = stamps["ternary_lstm_done"] - stamps["fp_done"]
-    assert f"both FP models at once, {fp} s; three ternary LSTMs at" in README
-    assert f"once, 66 epochs, {ternary} s" in README
+    assert f"both FP models at once, {fp} s; three ternary LSTMs at" in _flat(README)
+    assert f"once, 66 epochs, {ternary} s" in _flat(README)
 
 
 def test_the_sweep_horizons_rank_correlation_is_the_benchs_table():
@@ -99,8 +106,9 @@ def test_the_cpu_speed_and_size_figures_are_the_benchs_table():
 
 
 def test_the_short_recipe_figures_are_the_runs_files():
+    """Round thirteen's figures, in the search history (results/README.md)."""
     tests = [_metrics(f"h200/search13/l36-s{seed}/metrics.json")["test_ppl"] for seed in (0, 1)]
-    text = " ".join(README.split())
+    text = _flat(HISTORY)
     assert f"ended at {tests[0]:.2f} and {tests[1]:.2f} test PPW" in text
     first_val = [
         float(
@@ -149,8 +157,8 @@ def _bench_table(path: str) -> dict[tuple[str, str], list[str]]:
 @pytest.mark.parametrize(
     ("marker", "path"),
     [
-        ("On the\nH100 (`results/h100/step_time.txt`)", "h100/step_time.txt"),
-        ("A second H100 host", "h100/step_time_run2.txt"),
+        ("(`results/h100/step_time.txt`)", "h100/step_time.txt"),
+        ("(`results/h100/step_time_run2.txt`", "h100/step_time_run2.txt"),
     ],
 )
 def test_the_step_time_tables_are_the_benchs_tables(marker: str, path: str):
@@ -179,4 +187,31 @@ def test_the_stacked_runs_table_is_the_benchs_json():
     assert rows == expected
     processes = json.loads((RESULTS / "h200/multirun/processes-gru.json").read_text())["rows"][-1]
     assert (processes["mode"], processes["runs"]) == ("processes", 6)
-    assert f"gave {processes['throughput_ratio']:.2f}x (GRU" in " ".join(README.split())
+    assert f"gave {processes['throughput_ratio']:.2f}x (GRU" in _flat(README)
+
+
+def test_the_sloped_step_figures_are_the_benchs_json():
+    """The LSTM's slopes 2 / 2 step, in the search history (results/README.md)."""
+    rows = {
+        row["variant"]: row
+        for row in _metrics("h100/step_time_lstm_slopes22.json")["results"]
+        if row["cell"] == "lstm"
+    }
+    base = rows["torch.nn.LSTM"]
+    compiled = rows["SlopedLSTM ternary, slopes 2/2, compiled reduce-overhead"]
+    distilled = rows["SlopedLSTM ternary, slopes 2/2, compiled reduce-overhead + distillation"]
+    assert (
+        f"compiled {compiled['median_ms']:.2f} ms against cuDNN's {base['median_ms']:.2f} ms in"
+        f" the same run ({compiled['ratio']:.2f}x), distilled {distilled['median_ms']:.2f} ms"
+        f" ({distilled['ratio']:.2f}x), peak memory {compiled['mem_ratio']:.2f}x /"
+        f" {distilled['mem_ratio']:.2f}x"
+    ) in _flat(HISTORY)
+
+
+def test_the_cpu_step_time_range_is_the_benchs_table():
+    ratios = [
+        float(line.split()[-1])
+        for line in (RESULTS / "cpu_step_time.txt").read_text(encoding="utf-8").splitlines()
+        if line.startswith(("torch.nn.", "Sloped"))
+    ]
+    assert f"within {min(ratios):.2f}-{max(ratios):.2f}x of torch's layer" in _flat(README)
