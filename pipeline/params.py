@@ -216,10 +216,11 @@ class TuneParams(Section):
     num_samples: PositiveInt = 16
     epochs: PositiveInt = 4  # per trial; ASHA's max_t
     grace_period: PositiveInt = 1
+    # trials at once; with gpus_per_trial auto on a cluster with GPUs: trials per GPU
     max_concurrent: PositiveInt = 4
     cpus_per_trial: PositiveFloat = 1.0
-    # GPUs per trial; fractions share a GPU. auto: max_concurrent trials share one GPU when
-    # the Ray cluster has a GPU, else none
+    # GPUs per trial; fractions share a GPU. auto: max_concurrent trials share each GPU of
+    # the Ray cluster, every GPU busy; none on a cluster without GPUs
     gpus_per_trial: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
     max_failures: NonNegativeInt = 2
     limit_train_batches: PositiveInt | None = None
@@ -227,10 +228,18 @@ class TuneParams(Section):
     storage: str = "ray_results"  # on a cluster: a path every node sees
     fail_at_epoch: PositiveInt | None = None  # tests only: each trial raises once there
 
-    def trial_gpus(self, cluster_has_gpu: bool) -> float:
+    def trial_gpus(self, cluster_gpus: float) -> float:
+        """GPUs a trial asks Ray for, on a cluster with ``cluster_gpus`` in all."""
         if self.gpus_per_trial == "auto":
-            return 1.0 / self.max_concurrent if cluster_has_gpu else 0.0
+            return 1.0 / self.max_concurrent if cluster_gpus > 0 else 0.0
         return self.gpus_per_trial
+
+    def concurrent_trials(self, cluster_gpus: float) -> int:
+        """Trials at once: ``max_concurrent`` per whole GPU when ``gpus_per_trial`` is auto
+        (Ray packs each GPU's fractions, so every GPU gets its share), else in all."""
+        if self.gpus_per_trial == "auto" and cluster_gpus >= 1:
+            return self.max_concurrent * int(cluster_gpus)
+        return self.max_concurrent
 
     @model_validator(mode="after")
     def _ranges_are_ordered(self) -> TuneParams:

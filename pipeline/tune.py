@@ -215,6 +215,7 @@ def build_tuner(
     from ray.tune.search.optuna import OptunaSearch
 
     settings = params.tune
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
     trainable = tune.with_resources(
         tune.with_parameters(
             train_trial,
@@ -225,8 +226,14 @@ def build_tuner(
         ),
         {
             "cpu": settings.cpus_per_trial,
-            "gpu": settings.trial_gpus(ray.cluster_resources().get("GPU", 0) > 0),
+            "gpu": settings.trial_gpus(cluster_gpus),
         },
+    )
+    print(
+        f"tune@{cell}: up to {settings.concurrent_trials(cluster_gpus)} trials at once, "
+        f"{settings.trial_gpus(cluster_gpus):g} GPU and {settings.cpus_per_trial:g} CPU each "
+        f"(the Ray cluster has {cluster_gpus:g} GPUs)",
+        flush=True,
     )
     storage = str(Path(settings.storage).resolve())
     experiment = Path(storage) / name
@@ -244,7 +251,9 @@ def build_tuner(
             mode="min",
             num_samples=settings.num_samples,
             scheduler=ASHAScheduler(max_t=settings.epochs, grace_period=settings.grace_period),
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
+            search_alg=ConcurrencyLimiter(
+                searcher, max_concurrent=settings.concurrent_trials(cluster_gpus)
+            ),
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -304,8 +313,9 @@ def trial_logger(params: Params, cell: CellType, parent_run_id: str):
 
 def trial_table(grid: Any, configured: dict[str, float] | None) -> pd.DataFrame:
     """One row per trial of a ``ResultGrid``: its searched values, whether it ran the
-    configured setting, its best ``val_ppl`` (Ray's row of the trial's minimum), the epochs it
-    ran (its last ``training_iteration``) and the last line of its error, if any."""
+    configured setting, the address of the Ray node it ran on, its best ``val_ppl`` (Ray's
+    row of the trial's minimum), the epochs it ran (its last ``training_iteration``) and the
+    last line of its error, if any."""
     best = grid.get_dataframe(filter_metric="val_ppl", filter_mode="min")
     best_val = best.reindex(columns=["trial_id", "val_ppl"]).set_index("trial_id")["val_ppl"]
     table = pd.DataFrame(
@@ -314,6 +324,7 @@ def trial_table(grid: Any, configured: dict[str, float] | None) -> pd.DataFrame:
             **{key: result.config[key] for key in SEARCHED if key in result.config},
             "configured": configured is not None
             and all(result.config.get(key) == value for key, value in configured.items()),
+            "node_ip": result.metrics.get("node_ip", ""),  # the Ray node that ran it last
             "epochs": int(result.metrics.get("training_iteration", 0)),
             "error": "" if result.error is None else _last_line(str(result.error)),
         }

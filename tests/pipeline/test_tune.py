@@ -144,12 +144,21 @@ def test_trials_csv_quotes_what_needs_quoting_and_reads_back_as_written(tmp_path
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_trials_share_a_gpu_by_default_when_the_cluster_has_one():
+@pytest.mark.parametrize(
+    ("cluster_gpus", "trial_gpus", "concurrent"),
+    [(0, 0.0, 8), (0.5, 0.125, 8), (1, 0.125, 8), (2, 0.125, 16), (8, 0.125, 64)],
+)
+def test_by_default_trials_share_every_gpu_of_the_cluster(cluster_gpus, trial_gpus, concurrent):
     auto = Params.model_validate({"tune": {"max_concurrent": 8}}).tune
     assert auto.gpus_per_trial == "auto"
-    assert (auto.trial_gpus(cluster_has_gpu=True), auto.trial_gpus(False)) == (0.125, 0.0)
+    assert auto.trial_gpus(cluster_gpus) == trial_gpus
+    assert auto.concurrent_trials(cluster_gpus) == concurrent
+
+
+def test_a_fixed_gpu_share_keeps_max_concurrent_as_the_total():
     fixed = Params.model_validate({"tune": {"gpus_per_trial": 0.5}}).tune
-    assert (fixed.trial_gpus(True), fixed.trial_gpus(False)) == (0.5, 0.5)
+    assert [fixed.trial_gpus(gpus) for gpus in (0, 4)] == [0.5, 0.5]
+    assert [fixed.concurrent_trials(gpus) for gpus in (0, 4)] == [4, 4]
 
 
 @pytest.mark.parametrize(
@@ -305,8 +314,14 @@ def test_a_killed_driver_resumes_the_sweep_without_rerunning_finished_trials(fp_
     assert not list(scratch.rglob("*.ckpt"))
 
 
+WORKER_IPS = ("127.0.0.2", "127.0.0.3")
+
+
 @pytest.mark.slow
-def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
+def test_a_sweep_spreads_its_trials_over_every_gpu_of_an_existing_ray_cluster(fp_project):
+    """A CPU stand-in for a multi-GPU cluster: two loopback nodes with one fake GPU each
+    (``--num-gpus``); with ``max_concurrent: 1`` and ``gpus_per_trial: auto``, each GPU runs
+    one trial at a time, so two trials run at once, one on each node."""
     # A storage of its own: the resume test's finished sweep has the same fingerprint, and
     # restoring it would run no trial on this cluster.
     write_params(fp_project, {"tune": {"storage": "ray_results_cluster"}})
@@ -324,14 +339,20 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
         "--include-dashboard=false",
         "--disable-usage-stats",
     ]
-    worker = ["ray", "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
+    workers = [  # each its own loopback address, so trials.csv tells them apart
+        [
+            *("ray", "start", f"--address={address}", f"--node-ip-address={ip}"),
+            *("--num-cpus=1", "--num-gpus=1", "--disable-usage-stats"),
+        ]
+        for ip in WORKER_IPS
+    ]
     with own_ray({**tool_env(fp_project), **token}) as env:
-        for command in (head, worker):
+        for command in (head, *workers):
             started = subprocess.run(command, env=env, capture_output=True, text=True)
             assert started.returncode == 0, started.stdout + started.stderr
         deadline = time.monotonic() + 60
         status = ""
-        while status.count("node_") < 2:  # head + worker, once the autoscaler reports them
+        while status.count("node_") < 3:  # head + workers, once the autoscaler reports them
             assert time.monotonic() < deadline, status
             time.sleep(1)
             status = subprocess.run(
@@ -353,10 +374,13 @@ def test_sweep_runs_on_an_existing_multi_process_ray_cluster(fp_project):
     output = sweep.stdout + sweep.stderr
     assert sweep.returncode == 0, output[-3000:]
     assert f"joining the Ray cluster at {address}" in output and "restoring" not in output
-    # The head offers no CPU: every trial that finished ran on the worker process.
+    assert "up to 2 trials at once, 1 GPU and 1 CPU each (the Ray cluster has 2 GPUs)" in output
     rows = (fp_project / "runs/tune-cluster/trials.csv").read_text().splitlines()[1:]
     assert len(rows) == 3 and all(row.endswith(",") for row in rows)  # no error column
     assert _ran_the_configured_setting(rows)
+    # The head offers no CPU: the trials ran on the workers, on both of them.
+    trials = pd.read_csv(fp_project / "runs/tune-cluster/trials.csv")
+    assert set(trials["node_ip"]) == set(WORKER_IPS), trials.to_string()
     assert processes_started_with(marker) == [], "this test's Ray processes left behind"
 
 
