@@ -12,6 +12,11 @@ a killed stage behave as under a plain `dvc repro`, and an up-to-date stage is s
 Every line a stage prints is echoed with the stage's name and kept in ``runs/repro.log``,
 with each stage's start and end; ``runs/timing.json`` maps each stage to its wall seconds, and
 ``"total"`` to the whole run's. A failed stage stops new starts; the running ones finish.
+
+On a host with several GPUs each training stage gets one of them (``CUDA_VISIBLE_DEVICES``),
+the one running the fewest stages, so independent stages train on different GPUs; a sweep
+(``tune@...``) sees them all and spreads its trials over them itself (Ray). DVC has no notion
+of devices, hence this hand-written share.
 """
 
 from __future__ import annotations
@@ -43,6 +48,44 @@ def stage_dependencies(root: Path = Path(".")) -> dict[str, list[str]]:
             stage.addressing: sorted(upstream.addressing for upstream in graph.successors(stage))
             for stage in graph.nodes
         }
+
+
+# stages that spread their own work over every GPU they see (Ray Tune's trials)
+SPREADS_OVER_GPUS = ("tune@",)
+
+
+def visible_gpus(env: dict[str, str]) -> list[str]:
+    """The GPUs the stages may use, as CUDA_VISIBLE_DEVICES names them."""
+    if env.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [gpu for gpu in env["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+@dataclass
+class GpuShare:
+    """Which GPU a starting stage gets: the one running the fewest stages."""
+
+    gpus: list[str]
+    stages_on: dict[str, int] = field(default_factory=dict)
+    given: dict[str, str] = field(default_factory=dict)
+
+    def take(self, stage: str) -> str | None:
+        """The ``CUDA_VISIBLE_DEVICES`` for ``stage`` (None: leave the environment's)."""
+        if len(self.gpus) < 2:
+            return None
+        if stage.startswith(SPREADS_OVER_GPUS):
+            return ",".join(self.gpus)
+        gpu = min(self.gpus, key=lambda name: self.stages_on.get(name, 0))
+        self.stages_on[gpu] = self.stages_on.get(gpu, 0) + 1
+        self.given[stage] = gpu
+        return gpu
+
+    def give_back(self, stage: str) -> None:
+        gpu = self.given.pop(stage, None)
+        if gpu is not None:
+            self.stages_on[gpu] -= 1
 
 
 @dataclass
@@ -87,23 +130,29 @@ def run(
     command: Callable[[str], list[str]],
     write: Callable[[str], None],
     env: dict[str, str] | None = None,
+    gpus: list[str] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Runs every stage by ``command(stage)`` in dependency order, up to ``jobs`` at once;
-    returns each stage's start and end, in seconds from the first start. Raises
-    ``RuntimeError`` naming a failed stage."""
+    """Runs every stage by ``command(stage)`` in dependency order, up to ``jobs`` at once,
+    sharing out ``gpus`` (``GpuShare``); returns each stage's start and end, in seconds from
+    the first start. Raises ``RuntimeError`` naming a failed stage."""
     schedule = Schedule(dependencies, jobs)
+    share = GpuShare(gpus or [])
     runs: dict[str, StageRun] = {}
     spans: dict[str, tuple[float, float]] = {}
     start = time.monotonic()
     while not schedule.finished():
         for name in schedule.ready():
-            write(f"repro: starting {name}\n")
+            stage_env = dict(os.environ if env is None else env)
+            gpu = share.take(name)
+            if gpu is not None:
+                stage_env["CUDA_VISIBLE_DEVICES"] = gpu
+            write(f"repro: starting {name}" + ("" if gpu is None else f" on GPU {gpu}") + "\n")
             process = subprocess.Popen(
                 command(name),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
-                env=env,
+                env=stage_env,
             )
             echo = threading.Thread(target=_echo, args=(process.stdout, name, write))
             echo.start()
@@ -116,6 +165,7 @@ def run(
             stage.echo.join()
             spans[name] = (stage.started - start, time.monotonic() - start)
             schedule.running.discard(name)
+            share.give_back(name)
             seconds = spans[name][1] - spans[name][0]
             if stage.process.returncode == 0:
                 schedule.done.add(name)
@@ -169,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                 lambda name: ["dvc", "--wait-for-lock", "repro", "--single-item", name],
                 write,
                 env,
+                visible_gpus(env),
             )
         except RuntimeError as error:
             sys.exit(f"repro: {error}")

@@ -3,11 +3,12 @@ new starts. The whole DAG through it is tests/pipeline/test_dvc_repro.py's."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
-from pipeline.repro import Schedule, run
+from pipeline.repro import Schedule, run, visible_gpus
 
 # a diamond, as dvc.yaml's: b and c both need a; d needs both
 DIAMOND = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
@@ -61,3 +62,34 @@ def test_every_line_a_stage_prints_is_echoed_with_its_name():
     command = [sys.executable, "-c", "print('one'); print('two')"]
     run({"only": []}, jobs=1, command=lambda name: command, write=lines.append)
     assert "[only] one\n" in lines and "[only] two\n" in lines
+
+
+def test_on_several_gpus_each_training_stage_gets_the_least_busy_one_and_a_sweep_all():
+    stages = {"train@a": [], "train@b": [], "train@c": [], "tune@a": []}
+    lines: list[str] = []
+    show = "import os, time; print(os.environ['CUDA_VISIBLE_DEVICES']); time.sleep(0.5)"
+    run(
+        stages,
+        jobs=3,
+        command=lambda name: [sys.executable, "-c", show],
+        write=lines.append,
+        gpus=["2", "5"],
+    )
+    seen = {line.split("]")[0][1:]: line.split()[-1] for line in lines if line.startswith("[")}
+    # three at once on two GPUs: the third shares the first (a tie); the sweep sees both
+    assert seen == {"train@a": "2", "train@b": "5", "train@c": "2", "tune@a": "2,5"}
+    assert "repro: starting train@a on GPU 2\n" in lines
+
+
+def test_one_gpu_or_none_leaves_the_environment_as_it_is():
+    lines: list[str] = []
+    show = "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))"
+    env = {key: value for key, value in os.environ.items() if key != "CUDA_VISIBLE_DEVICES"}
+    for gpus in ([], ["0"]):
+        run({"train@a": []}, 1, lambda name: [sys.executable, "-c", show], lines.append, env, gpus)
+    assert [line for line in lines if line.startswith("[")] == ["[train@a] unset\n"] * 2
+
+
+@pytest.mark.parametrize(("visible", "expected"), [("0,3", ["0", "3"]), ("", []), ("7", ["7"])])
+def test_the_gpus_to_share_are_cuda_visible_devices_when_set(visible, expected):
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": visible}) == expected
