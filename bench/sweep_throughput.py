@@ -14,10 +14,17 @@ stopped early and every level does the same work per trial). Two numbers per lev
 Ratios are against the 1-trial level of the same run. The model starts from fresh weights
 (or ``--init``): throughput does not depend on them.
 
+``--gpus 1 2 4 8`` measures instead how a sweep scales over the GPUs of one host: per count G,
+a local Ray of G GPUs and ``--trials-per-gpu`` K trials on each (the stage's
+``gpus_per_trial: auto`` with ``max_concurrent: K``: G x K trials at once, 1/K GPU each), against
+G = 1 in the same run. On a CPU-only machine Ray is given G fake GPUs and the trials train on
+the CPU (a smoke test of the wiring, not a measurement).
+
 Run from the repository root, after ``dvc repro prepare`` (or point ``--data`` at PTB):
 
     python bench/sweep_throughput.py --params params.yaml --data data/ptb --cell lstm
     python bench/sweep_throughput.py --levels 1 2 --epochs 2 --limit-train-batches 20
+    python bench/sweep_throughput.py --gpus 1 2 4 8 --trials-per-gpu 8 --json gpus.json
 """
 
 from __future__ import annotations
@@ -58,6 +65,15 @@ def level_params(params: Params, trials: int, args: argparse.Namespace, storage:
     )
     tracking = params.tracking.model_copy(update={"enabled": False})
     return params.model_copy(update={"tune": tune, "tracking": tracking})
+
+
+def gpu_count_params(
+    params: Params, gpus: int, per_gpu: int, args: argparse.Namespace, storage: Path
+) -> Params:
+    """``per_gpu`` trials on each of ``gpus`` GPUs, as the stage shares them out (auto)."""
+    level = level_params(params, gpus * per_gpu, args, storage)
+    tune = level.tune.model_copy(update={"max_concurrent": per_gpu, "gpus_per_trial": "auto"})
+    return level.model_copy(update={"tune": tune})
 
 
 def fresh_checkpoint(params: Params, cell: str, data_dir: Path, folder: Path) -> Path:
@@ -116,6 +132,25 @@ def table(rows: list[dict[str, float]], device: str) -> str:
     return "\n".join(lines)
 
 
+def gpu_table(rows: list[dict[str, float]], device: str) -> str:
+    base = rows[0]
+    lines = [
+        f"sweep throughput over GPUs of {device}: trial-epochs per minute (ratio to 1 GPU)",
+        "",
+        "| GPUs | trials at once | wall | steady | median epoch |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        wall, steady = row["wall_epochs_per_min"], row["steady_epochs_per_min"]
+        lines.append(
+            f"| {row['gpus']} | {row['trials']} "
+            f"| {wall:.2f} ({wall / base['wall_epochs_per_min']:.2f}x) "
+            f"| {steady:.2f} ({steady / base['steady_epochs_per_min']:.2f}x) "
+            f"| {row['steady_epoch_s']:.1f} s |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -126,30 +161,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="per trial; at least 2")
     parser.add_argument("--limit-train-batches", type=int)
     parser.add_argument("--limit-eval-batches", type=int)
+    parser.add_argument("--gpus", type=int, nargs="+", help="GPU counts to scale over")
+    parser.add_argument("--trials-per-gpu", type=int, default=8, help="with --gpus")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the steady rate skips each trial's first")
+    if min(args.gpus or [1]) < 1 or args.trials_per_gpu < 1:
+        parser.error("--gpus and --trials-per-gpu must be at least 1")
 
     import ray
 
     params = load_params(args.params)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = []
+
+    def keep(row: dict[str, float]) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:  # after every level: a run cut short keeps what it measured
+            args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+
     with tempfile.TemporaryDirectory() as folder:
         init = args.init or fresh_checkpoint(params, args.cell, args.data, Path(folder))
-        connect_ray()
-        try:
-            for trials in args.levels:
-                level = level_params(params, trials, args, Path(folder) / "ray_results")
-                rows.append(measure_level(level, args.cell, args.data, init, trials))
-                print(json.dumps(rows[-1]), flush=True)
-                if args.json:  # after every level: a run cut short keeps what it measured
-                    args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=2))
-        finally:
-            ray.shutdown()
-    report = table(rows, device)
-    print(report)
+        storage = Path(folder) / "ray_results"
+        if args.gpus:
+            for gpus in args.gpus:  # a Ray of its own per count: it owns the first G GPUs
+                level = gpu_count_params(params, gpus, args.trials_per_gpu, args, storage)
+                connect_ray(num_gpus=gpus)
+                try:
+                    trials = gpus * args.trials_per_gpu
+                    keep({"gpus": gpus, **measure_level(level, args.cell, args.data, init, trials)})
+                finally:
+                    ray.shutdown()
+        else:
+            connect_ray()
+            try:
+                for trials in args.levels:
+                    level = level_params(params, trials, args, storage)
+                    keep(measure_level(level, args.cell, args.data, init, trials))
+            finally:
+                ray.shutdown()
+    print(gpu_table(rows, device) if args.gpus else table(rows, device))
 
 
 if __name__ == "__main__":

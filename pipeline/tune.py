@@ -174,7 +174,9 @@ def guard_local_ray() -> None:
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 
 
-def connect_ray() -> None:
+def connect_ray(num_gpus: int | None = None) -> None:
+    """Joins ``RAY_ADDRESS``'s cluster, or starts a private local Ray (with ``num_gpus``
+    GPUs when given, the first ones, else every GPU it finds)."""
     import ray
 
     # Workers get what they need through the runtime environment, not driver-only files.
@@ -190,6 +192,7 @@ def connect_ray() -> None:
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",
+            num_gpus=num_gpus,
             runtime_env=runtime_env,
             include_dashboard=False,
             log_to_driver=False,

@@ -40,6 +40,28 @@ def test_sweep_throughput_measures_every_concurrency_level(smoke_project: Path) 
     assert "| 1 | 0 |" in result.stdout and "(1.00x)" in result.stdout
 
 
+def test_sweep_throughput_scales_over_gpu_counts(smoke_project: Path) -> None:
+    """On a CPU, Ray's GPUs are fake: the wiring of G GPUs x K trials each, not a speed."""
+    run_tool(smoke_project, sys.executable, "-m", "pipeline.prepare")
+    result = run_tool(
+        smoke_project,
+        sys.executable,
+        "bench/sweep_throughput.py",
+        *("--gpus", "1", "2", "--trials-per-gpu", "1", "--epochs", "2"),
+        *("--limit-train-batches", "3", "--limit-eval-batches", "2"),
+        *("--json", "gpus.json"),
+    )
+    rows = json.loads((smoke_project / "gpus.json").read_text())["rows"]
+    assert [(row["gpus"], row["trials"], row["trial_epochs"]) for row in rows] == [
+        (1, 1, 2),
+        (2, 2, 4),
+    ]
+    assert "up to 2 trials at once, 1 GPU and 1 CPU each (the Ray cluster has 2 GPUs)" in (
+        result.stdout
+    )
+    assert "| 2 | 2 |" in result.stdout
+
+
 @pytest.mark.parametrize(("slopes", "named"), [("1,1", ""), ("2,0.5", ", slopes 2/0.5")])
 def test_step_time_reports_each_variant_against_torch(
     tmp_path: Path, slopes: str, named: str
