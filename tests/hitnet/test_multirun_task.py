@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 
 from hitnet.data import PTBDataModule
@@ -193,9 +192,10 @@ def test_stacked_runs_with_the_recipe_part_on_train_as_their_single_runs(
                 _assert_same_weights(_run_state(stacked_saved[key], run), saved[key])
     if feature == "averaged SGD":  # the lrs stop where they are as averaging starts
         for run in range(2):
-            assert stacked_metrics.epochs[1][f"lr/run{run}"] == stacked_metrics.epochs[2][
-                f"lr/run{run}"
-            ]
+            assert (
+                stacked_metrics.epochs[1][f"lr/run{run}"]
+                == stacked_metrics.epochs[2][f"lr/run{run}"]
+            )
 
 
 RESUMED = {
