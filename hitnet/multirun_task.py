@@ -65,14 +65,16 @@ class StackedRunsTask(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         config = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
-        if lrs is not None and "lr" in recipe:
-            raise ValueError("give one lr for all runs (lr) or one per run (lrs), not both")
-        lrs = [float(recipe.pop("lr", 20.0))] * len(seeds) if lrs is None else list(lrs)
-        if not seeds or len(lrs) != len(seeds):
-            raise ValueError(f"need one lr per seed; got {len(lrs)} lrs for seeds {seeds}")
-        # A single-run task checks the recipe (with the smallest lr, so every run's lr is
-        # checked), builds its callbacks and gives the checkpoint format of each run.
-        single = LanguageModelTask(config, lr=min(lrs), **recipe)
+        if not seeds or (lrs is not None and len(lrs) != len(seeds)):
+            raise ValueError(f"need seeds and one lr per seed; got lrs {lrs} for seeds {seeds}")
+        if lrs is not None:
+            if "lr" in recipe:
+                raise ValueError("give one lr for all runs (lr) or one per run (lrs), not both")
+            recipe["lr"] = min(lrs)  # the single task's check of it then covers every run's
+        # A single-run task checks the recipe, builds its callbacks and gives the checkpoint
+        # format of each run.
+        single = LanguageModelTask(config, **recipe)
+        lrs = [single.hparams.lr] * len(seeds) if lrs is None else [float(lr) for lr in lrs]
         recipe = {k: v for k, v in single.hparams.items() if k not in ("model", "lr")}
         self.save_hyperparameters(
             {"model": config.to_dict(), "seeds": list(seeds), "lrs": lrs, "clip": clip, **recipe}
