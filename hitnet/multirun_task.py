@@ -8,8 +8,9 @@ run's own lr and lr schedule (stepped after validation), BTQ drawn from ``eval_s
 validation, and the parts the single task brings along as callbacks: averaged SGD from
 ``average_from_epoch`` (the mean of stacked weights, elementwise, is each run's mean) and the
 activation warm-up. Each run draws its training noise from its own generator, seeded with its
-seed. Per-run metrics are logged as ``<metric>/run<r>``; ``run_checkpoint(r)`` is run r as a
-single-run ``LanguageModelTask`` checkpoint, which the report and export read unchanged.
+seed. Per-run metrics are logged as ``<metric>/run<r>``; ``single_run_checkpoint`` makes run r
+of a saved job (``run_checkpoint(r)``: of the task in hand) a single-run ``LanguageModelTask``
+checkpoint, which the report and export read unchanged.
 
 Optimisation is manual: Lightning's ``gradient_clip_val`` would clip one norm over all runs
 (leave it unset: the task clips each run itself, ``clip``). A fit resumed from a checkpoint
@@ -71,15 +72,13 @@ class StackedRunsTask(pl.LightningModule):
             if "lr" in recipe:
                 raise ValueError("give one lr for all runs (lr) or one per run (lrs), not both")
             recipe["lr"] = min(lrs)  # the single task's check of it then covers every run's
-        # A single-run task checks the recipe, builds its callbacks and gives the checkpoint
-        # format of each run.
+        # A single-run task checks the recipe and builds its callbacks.
         single = LanguageModelTask(config, **recipe)
         lrs = [single.hparams.lr] * len(seeds) if lrs is None else [float(lr) for lr in lrs]
         recipe = {k: v for k, v in single.hparams.items() if k not in ("model", "lr")}
         self.save_hyperparameters(
             {"model": config.to_dict(), "seeds": list(seeds), "lrs": lrs, "clip": clip, **recipe}
         )
-        self._single_hparams = [{**single.hparams, "lr": lr} for lr in lrs]
         self._parts: list[Callback] = single.configure_callbacks()
         self.model = StackedLanguageModel([_seeded_model(config, seed) for seed in seeds])
         self._state: StackedState | None = None
@@ -106,18 +105,15 @@ class StackedRunsTask(pl.LightningModule):
         return self._parts
 
     def run_checkpoint(self, run: int) -> dict[str, Any]:
-        """Run ``run`` as a ``LanguageModelTask`` checkpoint (``load_from_checkpoint`` reads it):
-        the module's weights as they are, so after an averaged fit, the mean."""
-        hparams = {**self._single_hparams[run], "lr": float(self._rates()[run])}
-        single = LanguageModelTask(**hparams)
-        single.model.load_state_dict(self.model.run_state_dict(run))
-        return {
-            "state_dict": single.state_dict(),
-            "hyper_parameters": hparams,
-            "pytorch-lightning_version": pl.__version__,
+        """Run ``run`` as a ``LanguageModelTask`` checkpoint of the module's weights as they are
+        (after an averaged fit, the mean); see ``single_run_checkpoint``."""
+        checkpoint = {
+            "state_dict": self.state_dict(),
+            "hyper_parameters": dict(self.hparams),
             "epoch": self.current_epoch,
             "global_step": self.global_step,
         }
+        return single_run_checkpoint(checkpoint, run)
 
     def _averaging(self) -> bool:
         """True from the epoch averaged SGD starts: the lrs then stay where they are."""
@@ -224,8 +220,8 @@ class StackedRunsTask(pl.LightningModule):
         # torch's schedules step an optimizer's lr: each run's on a proxy optimizer holding
         # that run's lr alone, copied into the stacked lr after every step.
         self._schedules = [
-            lr_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr), hparams)
-            for lr, hparams in zip(self.hparams.lrs, self._single_hparams, strict=True)
+            lr_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr), self.hparams)
+            for lr in self.hparams.lrs
         ]
         if self._resumed_schedules is not None:  # the stacked lrs come with the optimizer
             for schedule, state in zip(self._schedules, self._resumed_schedules, strict=True):
@@ -253,6 +249,25 @@ class StackedRunsTask(pl.LightningModule):
         # so restored) as training starts.
         self._resumed_generators = checkpoint.get("hitnet_run_generators")
         self._resumed_schedules = checkpoint.get("hitnet_run_lr_schedules")
+
+
+def single_run_checkpoint(stacked: dict[str, Any], run: int) -> dict[str, Any]:
+    """Run ``run`` of a ``StackedRunsTask`` checkpoint as its own ``LanguageModelTask`` job
+    would have saved it (``load_from_checkpoint``, the report and export read it): its weights
+    (with averaged SGD, the mean, which a checkpoint's state_dict holds) and its hyperparameters.
+    The job's training state (optimizer, generators, the training weights beside the mean) is
+    left out: a run's checkpoint is for testing and export, not for resuming."""
+    stacked_hparams = stacked["hyper_parameters"]
+    hparams = {k: v for k, v in stacked_hparams.items() if k not in ("seeds", "lrs", "clip")}
+    single = LanguageModelTask(**hparams, lr=stacked_hparams["lrs"][run])
+    single.load_state_dict({name: value[run] for name, value in stacked["state_dict"].items()})
+    return {
+        "state_dict": single.state_dict(),
+        "hyper_parameters": dict(single.hparams),
+        "pytorch-lightning_version": pl.__version__,
+        "epoch": stacked["epoch"],
+        "global_step": stacked["global_step"],
+    }
 
 
 def _seeded_model(config: ModelConfig, seed: int) -> RNNLanguageModel:

@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from hitnet.data import PTBDataModule
 from hitnet.language_model import ModelConfig, RNNLanguageModel
 from hitnet.lightning_module import LanguageModelTask, TrainingDiverged
-from hitnet.multirun_task import StackedRunsTask
+from hitnet.multirun_task import StackedRunsTask, single_run_checkpoint
 from hitnet.quantizers import QuantConfig
 
 TERNARY = QuantConfig(weight="ttq", activation="btq")
@@ -185,11 +185,16 @@ def test_stacked_runs_with_the_recipe_part_on_train_as_their_single_runs(
             for metric in ("train_ppl", "val_ppl", "lr"):
                 assert got[f"{metric}/run{run}"] == pytest.approx(expected[metric], rel=1e-4)
         _assert_same_weights(stacked.model.run_state_dict(run), single.model.state_dict())
+        # the job's checkpoint gives the run's own: the mean (when averaging) and the recipe
         saved = torch.load(tmp_path / f"run{run}" / "last.ckpt", weights_only=True)
-        for key in ("state_dict", "current_model_state"):
-            assert (key in stacked_saved) == (key in saved)
-            if key in saved:
-                _assert_same_weights(_run_state(stacked_saved[key], run), saved[key])
+        from_stacked = single_run_checkpoint(stacked_saved, run)
+        assert from_stacked["hyper_parameters"] == saved["hyper_parameters"]
+        _assert_same_weights(from_stacked["state_dict"], saved["state_dict"])
+        # and beside it, resuming, the training weights
+        assert ("current_model_state" in stacked_saved) == ("current_model_state" in saved)
+        if "current_model_state" in saved:
+            stacked_current = stacked_saved["current_model_state"]
+            _assert_same_weights(_run_state(stacked_current, run), saved["current_model_state"])
     if feature == "averaged SGD":  # the lrs stop where they are as averaging starts
         for run in range(2):
             assert (
