@@ -58,11 +58,10 @@ def _bounds_violation(name: str, value: Any, metadata: tuple[object, ...]) -> st
     ]
     lower = next((m for m in flat if isinstance(m, Ge | Gt)), None)
     upper = next((m for m in flat if isinstance(m, Le | Lt)), None)
-    inside = (
-        lower is None or (value >= lower.ge if isinstance(lower, Ge) else value > lower.gt)
-    ) and (
-        upper is None or (value <= upper.le if isinstance(upper, Le) else value < upper.lt)
-    )  # a NaN is inside no bound
+    try:  # a NaN is inside no bound
+        inside = all(_within(value, bound) for bound in (lower, upper) if bound is not None)
+    except TypeError:  # not a number: e.g. the other arm of `PositiveInt | Literal["auto"]`
+        inside = False
     if not inside:
         return f"{name} must be {_describe_bounds(lower, upper)}, got {value!r}"
     for length in flat:
@@ -71,6 +70,16 @@ def _bounds_violation(name: str, value: Any, metadata: tuple[object, ...]) -> st
         if isinstance(length, MaxLen) and len(value) > length.max_length:
             return f"{name} must hold at most {length.max_length} item(s), got {value!r}"
     return None
+
+
+def _within(value: Any, bound: Ge | Gt | Le | Lt) -> bool:
+    if isinstance(bound, Ge):
+        return value >= bound.ge
+    if isinstance(bound, Gt):
+        return value > bound.gt
+    if isinstance(bound, Le):
+        return value <= bound.le
+    return value < bound.lt
 
 
 def _describe_bounds(lower: Ge | Gt | None, upper: Le | Lt | None) -> str:

@@ -94,16 +94,10 @@ class CellSpecific(Section):
     per_cell: dict[CellType, Section] = {}
 
     @classmethod
-    def override(cls, names: Iterable[str], doc: str) -> type[Section]:
-        """The section of one cell's ``per_cell`` entry: this section's fields ``names``,
-        each optional (None: the shared value)."""
-        override = create_model(
-            f"{cls.__name__.removesuffix('Fields')}Override",
-            __base__=Section,
-            __doc__=doc,
-            **optional_fields(cls, names),
-        )
-        return override
+    def override(cls, name: str, names: Iterable[str], doc: str) -> type[Section]:
+        """The section ``name`` of one cell's ``per_cell`` entry: this section's fields
+        ``names``, each optional (None: the shared value)."""
+        return create_model(name, __base__=Section, __doc__=doc, **optional_fields(cls, names))
 
     def for_cell(self, cell: CellType) -> Self:
         """This section with ``per_cell[cell]``'s values in place (and no per_cell left)."""
@@ -137,11 +131,11 @@ class DataParams(Section):
         return None if self.source is None else project_root() / self.source
 
 
-# ModelConfig's fields, but the ones the stages give (vocab_size from the data, cell from the
-# stage) and the ones under quant
 ModelParams = create_model(
     "ModelParams",
     __base__=Section,
+    __doc__="ModelConfig's fields but those the stage gives (vocab_size from the data, cell "
+    "from the stage) and those under quant.",
     **declared_fields(
         ModelConfig,
         [
@@ -160,6 +154,7 @@ _QuantFields = create_model(
     **declared_fields(ModelConfig, MODEL_FIELDS_IN_QUANT),
 )
 QuantOverride = _QuantFields.override(
+    "QuantOverride",
     QUANT_SEARCHED,
     "What one cell changes in ``quant``: the values a sweep searches (the LSTM's slopes).",
 )
@@ -182,7 +177,7 @@ _RecipeFields = create_model(
     __base__=CellSpecific,
     epochs=(PositiveInt, 40),
     clip=(PositiveFloat, 0.25),  # gradient norm clipping
-    dropout=(declared_fields(ModelConfig, ["dropout"])["dropout"][0] | None, None),
+    **optional_fields(ModelParams, ["dropout"]),  # None: model.dropout
     **{
         name: field
         for name, field in declared_fields(LanguageModelTask.__init__).items()
@@ -192,13 +187,15 @@ _RecipeFields = create_model(
     limit_eval_batches=(PositiveInt | None, None),
 )
 RecipeOverride = _RecipeFields.override(
-    RECIPE_PER_CELL, "What one cell changes in a shared recipe (e.g. the GRU's lower ternary lr)."
+    "RecipeOverride",
+    RECIPE_PER_CELL,
+    "What one cell changes in a shared recipe (e.g. the GRU's lower ternary lr).",
 )
 
 
 class TrainParams(_RecipeFields):
-    """One training recipe (HITNET.md's classic one by default); dropout None: model.dropout.
-    Distillation and the activation warm-up are the ternary stage's only."""
+    """One training recipe (HITNET.md's classic one by default). Distillation and the
+    activation warm-up are the ternary stage's only."""
 
     per_cell: dict[CellType, RecipeOverride] = Field(default_factory=dict)
 
