@@ -23,6 +23,7 @@ import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
+from hitnet.constraints import PositiveFloat, checked_arguments
 from hitnet.language_model import ModelConfig, RNNLanguageModel, detach_state
 from hitnet.lightning_module import (
     MAX_MEAN_NLL,
@@ -39,50 +40,43 @@ from hitnet.multirun import (
 )
 from hitnet.stacked_model import StackedLanguageModel, StackedState
 
+# LanguageModelTask's parts that stacked runs do not have yet
+NOT_COVERED = ("average_from_epoch", "activation_warmup_steps")
+
 
 class StackedRunsTask(pl.LightningModule):
     """Trains ``len(seeds)`` runs of ``model`` at once; ``lrs``: one lr per run (or one for all)."""
 
+    @checked_arguments
     def __init__(
         self,
         model: ModelConfig | dict[str, Any],
         seeds: list[int],
         lrs: list[float] | float = 20.0,
-        lr_decay: float = 0.25,
-        lr_patience: int = 0,
-        lr_threshold: float = 0.0,
-        lr_milestones: list[int] | None = None,
-        clip: float = 0.25,
-        eval_seed: int = 0,
-        distill_weight: float = 0.0,
-        distill_temperature: float = 1.0,
+        clip: PositiveFloat = 0.25,
+        **recipe: Any,
     ) -> None:
+        """``recipe``: ``LanguageModelTask``'s arguments, as declared there (lr schedule,
+        ``eval_seed``, distillation), but those this task does not cover yet."""
         super().__init__()
         self.automatic_optimization = False
         config = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
         lrs = [float(lrs)] * len(seeds) if isinstance(lrs, int | float) else list(lrs)
         if not seeds or len(lrs) != len(seeds):
             raise ValueError(f"need one lr per seed; got {len(lrs)} lrs for seeds {seeds}")
-        schedule = {
-            "lr_decay": lr_decay,
-            "lr_patience": lr_patience,
-            "lr_threshold": lr_threshold,
-            "lr_milestones": lr_milestones,
-        }
-        distill = {"distill_weight": distill_weight, "distill_temperature": distill_temperature}
-        self.save_hyperparameters(
-            {
-                "model": config.to_dict(),
-                "seeds": list(seeds),
-                "lrs": lrs,
-                "clip": clip,
-                "eval_seed": eval_seed,
-                **schedule,
-                **distill,
-            }
-        )
+        uncovered = sorted(recipe.keys() & NOT_COVERED)
+        if uncovered:
+            raise ValueError(f"stacked runs do not cover {', '.join(uncovered)} yet")
         # a single-run task checks the settings and gives the checkpoint format of each run
-        single = LanguageModelTask(config, lr=lrs[0], eval_seed=eval_seed, **schedule, **distill)
+        single = LanguageModelTask(config, lr=lrs[0], **recipe)
+        shared = {
+            name: value
+            for name, value in single.hparams.items()
+            if name not in ("model", "lr", *NOT_COVERED)
+        }
+        self.save_hyperparameters(
+            {"model": config.to_dict(), "seeds": list(seeds), "lrs": lrs, "clip": clip, **shared}
+        )
         self._single_hparams = [{**single.hparams, "lr": lr} for lr in lrs]
         self.model = StackedLanguageModel([_seeded_model(config, seed) for seed in seeds])
         self._state: StackedState | None = None

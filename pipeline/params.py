@@ -18,7 +18,7 @@ import yaml
 from annotated_types import Ge, Len
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from hitnet.constraints import NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from hitnet.constraints import NonNegativeInt, PositiveFloat, PositiveInt
 from hitnet.language_model import CellType, ModelConfig
 from hitnet.lightning_module import LanguageModelTask
 from hitnet.quantizers import HITNET_QUANT, QuantConfig
@@ -229,17 +229,24 @@ class HardwareParams(Section):
         return None if self.compile == "none" else self.compile
 
 
-Range = Annotated[list[PositiveFloat], Len(2, 2)]  # [low, high]
-DropoutRange = Annotated[list[Probability], Len(2, 2)]
+def searched_range(section: type[Section], name: str) -> Any:
+    """A sweep's [low, high] of ``section``'s field ``name``: two values of that field."""
+    return Annotated[list[section.model_fields[name].rebuild_annotation()], Len(2, 2)]
+
+
+SlopeRange = searched_range(QuantParams, "lambda_sigma")
+ThresholdRange = searched_range(QuantParams, "ttq_threshold")
+LrRange = searched_range(TrainParams, "lr")
+DropoutRange = searched_range(ModelParams, "dropout")
 
 
 class TuneParams(Section):
     """The Ray Tune sweep (`tune@cell`): searched ranges, budget, resources per trial."""
 
-    lambda_sigma: Range = [0.5, 4.0]  # log-uniform
-    lambda_tanh: Range = [0.5, 4.0]  # log-uniform
-    ttq_threshold: Range = [0.3, 1.2]  # uniform
-    lr: Range | None = None  # log-uniform when set; else train_ternary.lr
+    lambda_sigma: SlopeRange = [0.5, 4.0]  # log-uniform
+    lambda_tanh: SlopeRange = [0.5, 4.0]  # log-uniform
+    ttq_threshold: ThresholdRange = [0.3, 1.2]  # uniform
+    lr: LrRange | None = None  # log-uniform when set; else train_ternary.lr
     dropout: DropoutRange | None = None  # uniform when set; else train_ternary.dropout
     num_samples: PositiveInt = 16
     epochs: PositiveInt = 4  # per trial; ASHA's max_t

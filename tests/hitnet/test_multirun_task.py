@@ -92,5 +92,11 @@ def test_bad_run_settings_are_rejected():
     config = _config(20)
     with pytest.raises(ValueError, match="one lr per seed"):
         StackedRunsTask(config, seeds=[0, 1], lrs=[1.0])
-    with pytest.raises(ValueError, match="lr_decay"):
+    with pytest.raises(ValueError, match=r"lr_decay must be in \(0, 1\), got 2\.0"):
         StackedRunsTask(config, seeds=[0], lr_decay=2.0)
+    with pytest.raises(ValueError, match=r"clip must be > 0, got 0\.0"):
+        StackedRunsTask(config, seeds=[0], clip=0.0)
+    with pytest.raises(ValueError, match="stacked runs do not cover average_from_epoch yet"):
+        StackedRunsTask(config, seeds=[0], average_from_epoch=2)
+    with pytest.raises(TypeError, match="momentum"):
+        StackedRunsTask(config, seeds=[0], momentum=0.9)

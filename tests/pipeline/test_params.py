@@ -242,6 +242,18 @@ BAD_VALUES = [
     ),
     pytest.param({"training_seeds": []}, "training_seeds", "at least 1", id="no-training-seed"),
     pytest.param(
+        {"tune": {"ttq_threshold": [0.5, 4.0]}},
+        "tune.ttq_threshold.1",
+        "less than or equal to 3",  # quant.ttq_threshold's range
+        id="searched-threshold-out-of-range",
+    ),
+    pytest.param(
+        {"tune": {"dropout": [0.1, 1.0]}},
+        "tune.dropout.1",
+        "less than 1",  # model.dropout's range
+        id="searched-dropout-out-of-range",
+    ),
+    pytest.param(
         {"train_fp": {"lr": float("inf")}}, "train_fp.lr", "finite number", id="infinite-lr"
     ),
     pytest.param(
