@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hitnet.constraints import PositiveFloat, PositiveInt, Probability, check_fields
 from hitnet.noise import dropout
 from hitnet.quantizers import BTQEvalMode, QuantConfig, ternarize_threshold
 from hitnet.recurrent import RECURRENT_LAYERS
@@ -26,30 +27,25 @@ RecurrentState = Tensor | tuple[Tensor, Tensor]
 class ModelConfig:
     """Everything that shapes a language model; its fields are the checkpoint's hparams."""
 
-    vocab_size: int
+    vocab_size: PositiveInt
     cell: CellType = "lstm"
-    embedding_size: int = 300
-    hidden_size: int = 300
-    num_layers: int = 1
-    dropout: float = 0.5
+    embedding_size: PositiveInt = 300
+    hidden_size: PositiveInt = 300
+    num_layers: PositiveInt = 1
+    dropout: Probability = 0.5
     tie_weights: bool = False
     quant: QuantConfig = field(default_factory=QuantConfig)
-    lambda_sigma: float = 1.0
-    lambda_tanh: float = 1.0
+    lambda_sigma: PositiveFloat = 1.0
+    lambda_tanh: PositiveFloat = 1.0
     ternary_embedding_decoder: bool = False
 
     def __post_init__(self) -> None:
-        if self.cell not in RECURRENT_LAYERS:
-            raise ValueError(
-                f"unknown cell {self.cell!r}; expected one of {sorted(RECURRENT_LAYERS)}"
-            )
+        check_fields(self)
         if self.tie_weights and self.embedding_size != self.hidden_size:
             raise ValueError(
                 "tie_weights needs embedding_size == hidden_size, got "
                 f"{self.embedding_size} and {self.hidden_size}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so checkpoints load with ``torch.load(weights_only=True)``."""

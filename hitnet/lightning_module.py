@@ -18,17 +18,26 @@ the activations' quantization noise coming in over the first steps (``hitnet.war
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from annotated_types import Interval, MinLen
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from hitnet.averaging import AveragedSGD
+from hitnet.constraints import (
+    Fraction,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    checked_arguments,
+)
 from hitnet.language_model import ModelConfig, RecurrentState, RNNLanguageModel, detach_state
 from hitnet.warmup import ActivationWarmup
 
@@ -48,38 +57,33 @@ class LanguageModelTask(pl.LightningModule):
     so evaluating the same weights twice gives the same perplexity.
     """
 
+    @checked_arguments  # the ranges declared below (params.yaml's recipe keys take them too)
     def __init__(
         self,
         model: ModelConfig | dict[str, Any],
-        lr: float = 20.0,
-        lr_decay: float = 0.25,
-        lr_patience: int = 0,
-        lr_threshold: float = 0.0,
-        lr_milestones: list[int] | None = None,
-        eval_seed: int = 0,
-        distill_weight: float = 0.0,
-        distill_temperature: float = 1.0,
-        average_from_epoch: int | None = None,
-        activation_warmup_steps: int = 0,
+        lr: PositiveFloat = 20.0,
+        lr_decay: Annotated[float, Interval(gt=0, lt=1)] = 0.25,
+        lr_patience: NonNegativeInt = 0,
+        # an epoch counts as an improvement only if it lowers the best val PPW by this fraction
+        lr_threshold: Probability = 0.0,
+        # epochs after which the lr is multiplied by lr_decay, whatever validation says; set,
+        # it replaces the plateau rule (lr_patience, lr_threshold)
+        lr_milestones: Annotated[list[PositiveInt], MinLen(1)] | None = None,
+        eval_seed: NonNegativeInt = 0,
+        # weight of distillation from the FP model, the teacher (0: plain cross-entropy)
+        distill_weight: Fraction = 0.0,
+        distill_temperature: PositiveFloat = 1.0,
+        # averaged SGD from this epoch on: the lr stays, and the running mean of the weights
+        # is what validation measures and checkpoints save
+        average_from_epoch: PositiveInt | None = None,
+        # the activations' quantization noise comes in linearly over this many optimizer
+        # steps (0: fully quantized from the first step)
+        activation_warmup_steps: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
         config = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
-        if lr <= 0 or not 0 < lr_decay < 1 or lr_patience < 0 or not 0 <= lr_threshold < 1:
-            raise ValueError(
-                "need lr > 0, 0 < lr_decay < 1, lr_patience >= 0, 0 <= lr_threshold < 1; got "
-                f"{lr}, {lr_decay}, {lr_patience}, {lr_threshold}"
-            )
-        if not 0 <= distill_weight <= 1 or distill_temperature <= 0:
-            raise ValueError(
-                "need 0 <= distill_weight <= 1 and distill_temperature > 0; got "
-                f"{distill_weight}, {distill_temperature}"
-            )
-        if lr_milestones is not None and (
-            not lr_milestones
-            or min(lr_milestones) < 1
-            or sorted(set(lr_milestones)) != lr_milestones
-        ):
-            raise ValueError(f"lr_milestones must be increasing epochs >= 1, got {lr_milestones}")
+        if lr_milestones is not None and sorted(set(lr_milestones)) != lr_milestones:
+            raise ValueError(f"lr_milestones must be increasing epochs, got {lr_milestones}")
         # the parts that come as callbacks, built (and so checked) now
         self._parts: list[Callback] = []
         if average_from_epoch is not None:

@@ -30,6 +30,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
+from hitnet.constraints import PositiveFloat, checked_arguments
 from hitnet.language_model import ModelConfig, RNNLanguageModel, detach_state
 from hitnet.lightning_module import (
     MAX_MEAN_NLL,
@@ -55,12 +56,13 @@ class StackedRunsTask(pl.LightningModule):
     (one per run) replaces its ``lr`` where runs differ in lr.
     """
 
+    @checked_arguments
     def __init__(
         self,
         model: ModelConfig | dict[str, Any],
         seeds: list[int],
         lrs: list[float] | None = None,
-        clip: float = 0.25,
+        clip: PositiveFloat = 0.25,
         **recipe: Any,
     ) -> None:
         super().__init__()

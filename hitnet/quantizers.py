@@ -10,17 +10,20 @@ Three layers, each testable alone:
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Literal, get_args
+from dataclasses import dataclass
+from typing import Annotated, Literal, get_args
 
 import torch
+from annotated_types import Interval
 from torch import Tensor, nn
+
+from hitnet.constraints import check_fields
 
 QuantizerName = Literal["none", "ttq", "btq", "uq"]
 BTQEvalMode = Literal["stochastic", "deterministic"]
 SlopeGradient = Literal["sloped", "unit"]
-ACTIVATION_GROUPS = frozenset({"gates", "candidate", "hidden"})
+ActivationGroup = Literal["gates", "candidate", "hidden"]
+ACTIVATION_GROUPS: frozenset[ActivationGroup] = frozenset(get_args(ActivationGroup))
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -124,34 +127,19 @@ class QuantConfig:
 
     weight: QuantizerName = "none"
     activation: QuantizerName = "none"
-    activations: frozenset[str] = field(default_factory=lambda: ACTIVATION_GROUPS)
-    ttq_threshold: float = 0.7
+    activations: frozenset[ActivationGroup] = ACTIVATION_GROUPS
+    # delta = ttq_threshold * mean|w|; past 3, few weights of a trained matrix survive
+    ttq_threshold: Annotated[float, Interval(ge=0, le=3)] = 0.7
     ttq_scaled: bool = True
-    ttq_per_row: bool = False
-    uq_bits: int = 2
+    ttq_per_row: bool = False  # a threshold and scale per output row, not per matrix
+    uq_bits: Annotated[int, Interval(ge=1, le=8)] = 2
     btq_eval: BTQEvalMode = "stochastic"
     gru_accumulator: bool = False
     slope_gradient: SlopeGradient = "sloped"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activations", frozenset(self.activations))
-        unknown = self.activations - ACTIVATION_GROUPS
-        if unknown:
-            raise ValueError(
-                f"unknown activation group(s) {sorted(unknown)}; "
-                f"expected a subset of {sorted(ACTIVATION_GROUPS)}"
-            )
-        for name in (self.weight, self.activation):
-            if name not in ("none", "ttq", "btq", "uq"):
-                raise ValueError(f"unknown quantizer {name!r}; expected none, ttq, btq or uq")
-        if not (math.isfinite(self.ttq_threshold) and self.ttq_threshold >= 0.0):
-            raise ValueError(f"ttq_threshold must be finite and >= 0, got {self.ttq_threshold}")
-        if self.uq_bits < 1:
-            raise ValueError(f"uq_bits must be >= 1, got {self.uq_bits}")
-        if self.slope_gradient not in get_args(SlopeGradient):
-            raise ValueError(f"slope_gradient must be sloped or unit, got {self.slope_gradient!r}")
-        if self.btq_eval not in get_args(BTQEvalMode):
-            raise ValueError(f"btq_eval must be stochastic or deterministic, got {self.btq_eval!r}")
+        check_fields(self)
 
     @property
     def full_precision(self) -> bool:
@@ -164,6 +152,11 @@ class QuantConfig:
     def needs_noise(self) -> bool:
         """True when a training forward pass draws Bernoulli noise."""
         return self.activation == "btq" and bool(self.activations)
+
+
+# HitNet's quantization (../shared/HITNET.md): TTQ weights, BTQ activations; params.yaml's
+# defaults. QuantConfig's own defaults quantize nothing: a full-precision model.
+HITNET_QUANT = QuantConfig(weight="ttq", activation="btq")
 
 
 class WeightQuantizer(nn.Module):

@@ -7,31 +7,41 @@ that names the dotted key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args, get_origin, get_type_hints
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from annotated_types import Ge, Len
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from hitnet.constraints import NonNegativeInt, PositiveFloat, PositiveInt
 from hitnet.language_model import CellType, ModelConfig
-from hitnet.quantizers import ACTIVATION_GROUPS, BTQEvalMode, QuantConfig, SlopeGradient
-
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Probability = Annotated[float, Field(ge=0, lt=1)]
-DistillWeight = Annotated[float, Field(ge=0, le=1)]
-PlateauThreshold = Probability  # a relative improvement, in [0, 1)
-TTQThreshold = Annotated[float, Field(ge=0, le=3)]
-Milestones = Annotated[list[PositiveInt], Field(min_length=1)]
-
+from hitnet.lightning_module import LanguageModelTask
+from hitnet.quantizers import HITNET_QUANT, QuantConfig
 
 # What a sweep searches; a sweep's best.json holds these keys (lr, dropout only when searched).
 QUANT_SEARCHED = ("lambda_sigma", "lambda_tanh", "ttq_threshold")
 RECIPE_SEARCHED = ("lr", "dropout")  # of train_ternary
 SEARCHED = QUANT_SEARCHED + RECIPE_SEARCHED
+# ModelConfig's fields that params.yaml keeps under quant: a ternary model's, not an FP one's
+MODEL_FIELDS_IN_QUANT = ("lambda_sigma", "lambda_tanh", "ternary_embedding_decoder")
+# what a cell's per_cell entry may change in a shared training recipe
+RECIPE_PER_CELL = (
+    "epochs",
+    "lr",
+    "lr_patience",
+    "lr_threshold",
+    "lr_milestones",
+    "dropout",
+    "distill_weight",
+    "distill_temperature",
+    "average_from_epoch",
+    "activation_warmup_steps",
+)
 
 
 def project_root() -> Path:
@@ -52,10 +62,42 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+def declared_fields(
+    declaration: Callable[..., object],
+    names: Iterable[str] | None = None,
+    defaults: object = None,
+) -> dict[str, Any]:
+    """Section fields (``create_model``'s) declared by the library: ``names`` (default: all
+    but ``self``) of a dataclass's fields or a function's arguments, each with its type,
+    range and default as declared there, or ``defaults``' value (an instance of the
+    dataclass) of it. A set is a list in params.yaml (YAML has no sets)."""
+    hints = get_type_hints(declaration, include_extras=True)
+    parameters = inspect.signature(declaration).parameters
+    fields = {}
+    for name in [name for name in parameters if name != "self"] if names is None else names:
+        annotation = hints[name]
+        default = parameters[name].default if defaults is None else getattr(defaults, name)
+        if get_origin(annotation) is frozenset:
+            annotation, default = list[get_args(annotation)[0]], sorted(default)
+        fields[name] = (annotation, default)
+    return fields
+
+
+def optional_fields(section: type[Section], names: Iterable[str]) -> dict[str, Any]:
+    """``section``'s fields ``names``, each with its type and range, optional (default None)."""
+    return {name: (section.model_fields[name].rebuild_annotation() | None, None) for name in names}
+
+
 class CellSpecific(Section):
     """A section whose ``per_cell`` entries change some of its values for one cell."""
 
     per_cell: dict[CellType, Section] = {}
+
+    @classmethod
+    def override(cls, name: str, names: Iterable[str], doc: str) -> type[Section]:
+        """The section ``name`` of one cell's ``per_cell`` entry: this section's fields
+        ``names``, each optional (None: the shared value)."""
+        return create_model(name, __base__=Section, __doc__=doc, **optional_fields(cls, names))
 
     def for_cell(self, cell: CellType) -> Self:
         """This section with ``per_cell[cell]``'s values in place (and no per_cell left)."""
@@ -80,7 +122,7 @@ class DataParams(Section):
     batch_size: PositiveInt = 20
     eval_batch_size: PositiveInt = 10
     bptt: PositiveInt = 35
-    max_tokens: Annotated[int, Field(ge=2)] | None = None  # first N tokens a split (smoke runs)
+    max_tokens: Annotated[int, Ge(2)] | None = None  # first N tokens a split (smoke runs)
     allow_unknown: bool = False
     verify_checksums: bool = True  # PTB's sha256; turn off for another PTB-format corpus
 
@@ -89,39 +131,39 @@ class DataParams(Section):
         return None if self.source is None else project_root() / self.source
 
 
-class ModelParams(Section):
-    embedding_size: PositiveInt = 300
-    hidden_size: PositiveInt = 300
-    num_layers: PositiveInt = 1
-    dropout: Probability = 0.5
-    tie_weights: bool = False
+ModelParams = create_model(
+    "ModelParams",
+    __base__=Section,
+    __doc__="ModelConfig's fields but those the stage gives (vocab_size from the data, cell "
+    "from the stage) and those under quant.",
+    **declared_fields(
+        ModelConfig,
+        [
+            field.name
+            for field in dataclasses.fields(ModelConfig)
+            if field.name not in ("vocab_size", "cell", "quant", *MODEL_FIELDS_IN_QUANT)
+        ],
+    ),
+)
+
+# QuantConfig's fields with HitNet's defaults, and the ternary model's fields of ModelConfig
+_QuantFields = create_model(
+    "_QuantFields",
+    __base__=CellSpecific,
+    **declared_fields(QuantConfig, defaults=HITNET_QUANT),
+    **declared_fields(ModelConfig, MODEL_FIELDS_IN_QUANT),
+)
+QuantOverride = _QuantFields.override(
+    "QuantOverride",
+    QUANT_SEARCHED,
+    "What one cell changes in ``quant``: the values a sweep searches (the LSTM's slopes).",
+)
 
 
-class QuantOverride(Section):
-    """What one cell changes in ``quant``: the values a sweep searches (the LSTM's slopes)."""
+class QuantParams(_QuantFields):
+    """How a ternary model quantizes (FP models ignore this section)."""
 
-    lambda_sigma: PositiveFloat | None = None
-    lambda_tanh: PositiveFloat | None = None
-    ttq_threshold: TTQThreshold | None = None
-
-
-class QuantParams(CellSpecific):
-    weight: Literal["none", "ttq", "btq", "uq"] = "ttq"  # btq: the study's comparison
-    activation: Literal["none", "btq", "ttq", "uq"] = "btq"
-    activations: list[Literal["gates", "candidate", "hidden"]] = sorted(ACTIVATION_GROUPS)
-    ttq_threshold: TTQThreshold = 0.7
-    ttq_scaled: bool = True
-    ttq_per_row: bool = False  # a threshold and scale per output row, not per matrix
-    uq_bits: Annotated[int, Field(ge=1, le=8)] = 2
-    btq_eval: BTQEvalMode = "stochastic"
-    lambda_sigma: PositiveFloat = 1.0
-    lambda_tanh: PositiveFloat = 1.0
-    # unit: the slopes shape the forward pass only; their gradient is the unsloped one's
-    slope_gradient: SlopeGradient = "sloped"
-    ternary_embedding_decoder: bool = False
-    # GRU only: a memory apart from h_t, as the LSTM's cell state (see QuantConfig)
-    gru_accumulator: bool = False
-    per_cell: dict[CellType, QuantOverride] = {}
+    per_cell: dict[CellType, QuantOverride] = Field(default_factory=dict)
 
     def to_config(self) -> QuantConfig:
         """The library's config: every field of ``QuantConfig``, by name, from this section."""
@@ -129,47 +171,33 @@ class QuantParams(CellSpecific):
         return QuantConfig(**self.model_dump(include=names))
 
 
-class RecipeOverride(Section):
-    """What one cell changes in a shared recipe (e.g. the GRU's lower ternary lr)."""
+# LanguageModelTask's arguments (eval_seed is params.yaml's seed), and the Trainer's
+_RecipeFields = create_model(
+    "_RecipeFields",
+    __base__=CellSpecific,
+    epochs=(PositiveInt, 40),
+    clip=(PositiveFloat, 0.25),  # gradient norm clipping
+    **optional_fields(ModelParams, ["dropout"]),  # None: model.dropout
+    **{
+        name: field
+        for name, field in declared_fields(LanguageModelTask.__init__).items()
+        if name not in ("model", "eval_seed")
+    },
+    limit_train_batches=(PositiveInt | None, None),  # smoke runs: batches per epoch
+    limit_eval_batches=(PositiveInt | None, None),
+)
+RecipeOverride = _RecipeFields.override(
+    "RecipeOverride",
+    RECIPE_PER_CELL,
+    "What one cell changes in a shared recipe (e.g. the GRU's lower ternary lr).",
+)
 
-    epochs: PositiveInt | None = None
-    lr: PositiveFloat | None = None
-    lr_patience: NonNegativeInt | None = None
-    lr_threshold: PlateauThreshold | None = None
-    lr_milestones: Milestones | None = None
-    dropout: Probability | None = None
-    distill_weight: DistillWeight | None = None
-    distill_temperature: PositiveFloat | None = None
-    average_from_epoch: PositiveInt | None = None
-    activation_warmup_steps: NonNegativeInt | None = None
 
+class TrainParams(_RecipeFields):
+    """One training recipe (HITNET.md's classic one by default). Distillation and the
+    activation warm-up are the ternary stage's only."""
 
-class TrainParams(CellSpecific):
-    """One training recipe (HITNET.md's classic one by default)."""
-
-    epochs: PositiveInt = 40
-    lr: PositiveFloat = 20.0
-    lr_decay: Annotated[float, Field(gt=0, lt=1)] = 0.25
-    lr_patience: NonNegativeInt = 0
-    # an epoch counts as an improvement only if it lowers the best val PPW by this fraction
-    lr_threshold: PlateauThreshold = 0.0
-    # epochs after which the lr is multiplied by lr_decay, whatever validation says; set, it
-    # replaces the plateau rule (lr_patience, lr_threshold), which reacts to BTQ's noise
-    lr_milestones: Milestones | None = None
-    clip: PositiveFloat = 0.25
-    dropout: Probability | None = None  # None: model.dropout
-    # ternary only: weight of distillation from the FP model (0: plain cross-entropy)
-    distill_weight: DistillWeight = 0.0
-    distill_temperature: PositiveFloat = 1.0
-    # averaged SGD from this epoch on: the lr stays, and the running mean of the weights is
-    # what validation measures and checkpoints save
-    average_from_epoch: PositiveInt | None = None
-    # ternary only: the activations' quantization noise comes in linearly over this many
-    # optimizer steps (0: fully ternary from the first step)
-    activation_warmup_steps: NonNegativeInt = 0
-    limit_train_batches: PositiveInt | None = None  # smoke runs: batches per epoch
-    limit_eval_batches: PositiveInt | None = None
-    per_cell: dict[CellType, RecipeOverride] = {}
+    per_cell: dict[CellType, RecipeOverride] = Field(default_factory=dict)
 
 
 class HardwareParams(Section):
@@ -201,17 +229,24 @@ class HardwareParams(Section):
         return None if self.compile == "none" else self.compile
 
 
-Range = Annotated[list[PositiveFloat], Field(min_length=2, max_length=2)]  # [low, high]
-DropoutRange = Annotated[list[Probability], Field(min_length=2, max_length=2)]
+def searched_range(section: type[Section], name: str) -> Any:
+    """A sweep's [low, high] of ``section``'s field ``name``: two values of that field."""
+    return Annotated[list[section.model_fields[name].rebuild_annotation()], Len(2, 2)]
+
+
+SlopeRange = searched_range(QuantParams, "lambda_sigma")
+ThresholdRange = searched_range(QuantParams, "ttq_threshold")
+LrRange = searched_range(TrainParams, "lr")
+DropoutRange = searched_range(ModelParams, "dropout")
 
 
 class TuneParams(Section):
     """The Ray Tune sweep (`tune@cell`): searched ranges, budget, resources per trial."""
 
-    lambda_sigma: Range = [0.5, 4.0]  # log-uniform
-    lambda_tanh: Range = [0.5, 4.0]  # log-uniform
-    ttq_threshold: Range = [0.3, 1.2]  # uniform
-    lr: Range | None = None  # log-uniform when set; else train_ternary.lr
+    lambda_sigma: SlopeRange = [0.5, 4.0]  # log-uniform
+    lambda_tanh: SlopeRange = [0.5, 4.0]  # log-uniform
+    ttq_threshold: ThresholdRange = [0.3, 1.2]  # uniform
+    lr: LrRange | None = None  # log-uniform when set; else train_ternary.lr
     dropout: DropoutRange | None = None  # uniform when set; else train_ternary.dropout
     num_samples: PositiveInt = 16
     epochs: PositiveInt = 4  # per trial; ASHA's max_t
@@ -384,19 +419,20 @@ class Params(Section):
         return self.model.dropout if recipe.dropout is None else recipe.dropout
 
     def build_model_config(self, cell: CellType, vocab_size: int, ternary: bool) -> ModelConfig:
-        quant = self.quant.for_cell(cell)
-        return ModelConfig(
+        """The library's model config: ``model``'s values and, for a ternary model, the
+        cell's ``quant`` values (an FP model quantizes nothing, with slopes 1)."""
+        config = ModelConfig(
             vocab_size=vocab_size,
             cell=cell,
-            embedding_size=self.model.embedding_size,
-            hidden_size=self.model.hidden_size,
-            num_layers=self.model.num_layers,
-            dropout=self.dropout(cell, ternary),
-            tie_weights=self.model.tie_weights,
-            quant=quant.to_config() if ternary else QuantConfig(),
-            lambda_sigma=quant.lambda_sigma if ternary else 1.0,
-            lambda_tanh=quant.lambda_tanh if ternary else 1.0,
-            ternary_embedding_decoder=ternary and quant.ternary_embedding_decoder,
+            **{**self.model.model_dump(), "dropout": self.dropout(cell, ternary)},
+        )
+        if not ternary:
+            return config
+        quant = self.quant.for_cell(cell)
+        return dataclasses.replace(
+            config,
+            quant=quant.to_config(),
+            **quant.model_dump(include=set(MODEL_FIELDS_IN_QUANT)),
         )
 
 
@@ -407,15 +443,17 @@ def _recipe_key(kind: str, recipe: TrainParams, cell: CellType, name: str) -> st
     return f"train_{kind}.{f'per_cell.{cell}.' if own else ''}{name}"
 
 
-class SearchedSetting(Section):
+class SearchedSetting(
+    create_model(
+        "_SearchedFields",
+        __base__=Section,
+        **{name: QuantParams.model_fields[name].rebuild_annotation() for name in QUANT_SEARCHED},
+        **optional_fields(TrainParams, RECIPE_SEARCHED),
+    )
+):
     """A sweep's ``best.json``: the searched values it chose (lr and dropout when searched),
     with its record of the choice. Checked as params.yaml is before it replaces anything."""
 
-    lambda_sigma: PositiveFloat
-    lambda_tanh: PositiveFloat
-    ttq_threshold: TTQThreshold
-    lr: PositiveFloat | None = None
-    dropout: Probability | None = None
     val_ppl: PositiveFloat
     winner: Literal["configured", "sweep"]
     configured_val_ppl: PositiveFloat | None = None

@@ -84,9 +84,11 @@ def test_config_round_trips_through_plain_dict():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"cell": "rnn"}, "unknown cell 'rnn'"),
+        ({"cell": "rnn"}, "cell must be one of 'lstm', 'gru', got 'rnn'"),
         ({"tie_weights": True, "embedding_size": 4, "hidden_size": 5}, "tie_weights needs"),
-        ({"dropout": 1.0}, "dropout must be in [0, 1)"),
+        ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0"),
+        ({"hidden_size": 0}, "hidden_size must be >= 1, got 0"),
+        ({"lambda_tanh": 0.0}, "lambda_tanh must be > 0, got 0.0"),
     ],
 )
 def test_bad_model_config_is_rejected(kwargs, message):

@@ -116,16 +116,21 @@ def test_a_diverged_run_stops_with_an_error_naming_the_loss_and_lr(small_ptb):
 
 
 def test_bad_optimisation_settings_are_rejected():
-    with pytest.raises(ValueError, match="lr > 0"):
+    with pytest.raises(ValueError, match=r"lr must be > 0, got 0\.0"):
         _task(20, lr=0.0)
-    with pytest.raises(ValueError, match="0 < lr_decay < 1"):
+    with pytest.raises(ValueError, match=r"lr_decay must be in \(0, 1\), got 4.0"):
         _task(20, lr_decay=4.0)
-    with pytest.raises(ValueError, match="0 <= lr_threshold < 1"):
+    with pytest.raises(ValueError, match=r"lr_threshold must be in \[0, 1\), got 1.0"):
         _task(20, lr_threshold=1.0)
-    for milestones in ([], [0, 3], [3, 2], [2, 2]):
-        with pytest.raises(ValueError, match="lr_milestones must be increasing"):
+    for milestones, message in (
+        ([], r"lr_milestones must hold at least 1 item\(s\), got \[\]"),
+        ([0, 3], "each of lr_milestones must be >= 1, got 0"),
+        ([3, 2], "lr_milestones must be increasing epochs"),
+        ([2, 2], "lr_milestones must be increasing epochs"),
+    ):
+        with pytest.raises(ValueError, match=message):
             _task(20, lr_milestones=milestones)
-    with pytest.raises(ValueError, match="0 <= distill_weight <= 1"):
+    with pytest.raises(ValueError, match=r"distill_weight must be in \[0, 1\], got 1.5"):
         _task(20, distill_weight=1.5)
     with pytest.raises(ValueError, match="distill_weight > 0"):
         _task(20).set_teacher(_task(20).model)
@@ -263,7 +268,7 @@ def test_averaging_before_its_first_epoch_leaves_the_model_and_checkpoint_alone(
     for name, p in task.model.named_parameters():
         assert torch.equal(saved["state_dict"][f"model.{name}"], p)
     assert task.lr_schedule.last_epoch == 2  # not averaging yet: the plateau rule stepped
-    with pytest.raises(ValueError, match="average_from_epoch counts from 1, got 0"):
+    with pytest.raises(ValueError, match="average_from_epoch must be >= 1, got 0"):
         _task(20, average_from_epoch=0)
 
 

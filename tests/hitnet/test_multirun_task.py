@@ -94,9 +94,9 @@ def test_bad_run_settings_are_rejected():
     config = _config(20)
     with pytest.raises(ValueError, match="one lr per seed"):
         StackedRunsTask(config, seeds=[0, 1], lrs=[1.0])
-    with pytest.raises(ValueError, match="lr_decay"):
+    with pytest.raises(ValueError, match=r"lr_decay must be in \(0, 1\), got 2\.0"):
         StackedRunsTask(config, seeds=[0], lr_decay=2.0)
-    with pytest.raises(ValueError, match="lr > 0"):  # every run's lr is checked
+    with pytest.raises(ValueError, match=r"lr must be > 0, got -1\.0"):  # every run's lr
         StackedRunsTask(config, seeds=[0, 1], lrs=[1.0, -1.0])
     with pytest.raises(ValueError, match="not both"):
         StackedRunsTask(config, seeds=[0, 1], lrs=[1.0, 2.0], lr=1.0)
@@ -278,3 +278,8 @@ def test_the_recipe_is_language_model_tasks_taken_once():
     ]
     rebuilt = StackedRunsTask(**stacked.hparams)  # as load_from_checkpoint rebuilds it
     assert rebuilt.hparams == stacked.hparams
+
+
+def test_a_stacked_jobs_clip_is_checked_as_declared():
+    with pytest.raises(ValueError, match=r"clip must be > 0, got 0\.0"):
+        StackedRunsTask(_config(20), seeds=[0], clip=0.0)

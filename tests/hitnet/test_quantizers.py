@@ -257,12 +257,13 @@ def test_set_activation_noise_reaches_every_activation_quantizer_and_no_state_di
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"weight": "fp4"}, "unknown quantizer 'fp4'"),
-        ({"activations": {"gates", "cell"}}, "unknown activation group(s) ['cell']"),
-        ({"ttq_threshold": -0.1}, "ttq_threshold must be finite and >= 0"),
-        ({"uq_bits": 0}, "uq_bits must be >= 1"),
-        ({"slope_gradient": "none"}, "slope_gradient must be sloped or unit"),
-        ({"btq_eval": "mean"}, "btq_eval must be stochastic or deterministic"),
+        ({"weight": "fp4"}, "weight must be one of 'none', 'ttq', 'btq', 'uq', got 'fp4'"),
+        ({"activations": {"gates", "cell"}}, "each of activations must be one of"),
+        ({"ttq_threshold": -0.1}, "ttq_threshold must be in [0, 3], got -0.1"),
+        ({"ttq_threshold": math.nan}, "ttq_threshold must be in [0, 3], got nan"),
+        ({"uq_bits": 0}, "uq_bits must be in [1, 8], got 0"),
+        ({"slope_gradient": "none"}, "slope_gradient must be one of 'sloped', 'unit'"),
+        ({"btq_eval": "mean"}, "btq_eval must be one of 'stochastic', 'deterministic'"),
     ],
 )
 def test_quant_config_rejects_bad_values(kwargs, message):

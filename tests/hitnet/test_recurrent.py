@@ -235,7 +235,7 @@ def test_bad_shapes_and_slopes_are_rejected_with_clear_messages():
     for slopes in ({"lambda_sigma": -1.0}, {"lambda_sigma": math.nan}, {"lambda_tanh": math.inf}):
         with pytest.raises(ValueError, match="sloping factors must be finite and > 0"):
             SlopedGRU(4, 8, **slopes)
-    with pytest.raises(ValueError, match="ttq_threshold must be finite"):
+    with pytest.raises(ValueError, match=r"ttq_threshold must be in \[0, 3\], got nan"):
         QuantConfig(weight="ttq", ttq_threshold=math.nan)
 
 

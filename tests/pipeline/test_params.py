@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import BaseModel, ValidationError
 
-from hitnet.quantizers import QuantConfig
-from pipeline.params import HardwareParams, ParamsError, load_params, load_searched, parse_params
+from hitnet.constraints import violation
+from hitnet.language_model import ModelConfig
+from hitnet.lightning_module import LanguageModelTask
+from hitnet.quantizers import HITNET_QUANT, QuantConfig
+from pipeline.params import (
+    MODEL_FIELDS_IN_QUANT,
+    QUANT_SEARCHED,
+    RECIPE_PER_CELL,
+    SEARCHED,
+    HardwareParams,
+    ModelParams,
+    Params,
+    ParamsError,
+    QuantOverride,
+    QuantParams,
+    RecipeOverride,
+    SearchedSetting,
+    TrainParams,
+    load_params,
+    load_searched,
+    parse_params,
+)
 from pipeline.quick import QUICK_CHANGES
 from tests.conftest import REPO_ROOT
 from tests.pipeline.conftest import deep_update
@@ -215,6 +241,18 @@ BAD_VALUES = [
         id="one-cells-milestones-out-of-order",
     ),
     pytest.param({"training_seeds": []}, "training_seeds", "at least 1", id="no-training-seed"),
+    pytest.param(
+        {"tune": {"ttq_threshold": [0.5, 4.0]}},
+        "tune.ttq_threshold.1",
+        "less than or equal to 3",  # quant.ttq_threshold's range
+        id="searched-threshold-out-of-range",
+    ),
+    pytest.param(
+        {"tune": {"dropout": [0.1, 1.0]}},
+        "tune.dropout.1",
+        "less than 1",  # model.dropout's range
+        id="searched-dropout-out-of-range",
+    ),
     pytest.param(
         {"train_fp": {"lr": float("inf")}}, "train_fp.lr", "finite number", id="infinite-lr"
     ),
@@ -538,16 +576,132 @@ def test_a_sweeps_best_json_is_checked_as_params_yaml_is(
         load_searched(path)
 
 
+def _declared(declaration) -> dict[str, tuple[object, object]]:
+    """The library's declaration of each field: its annotation (with its range) and default."""
+    hints = get_type_hints(declaration, include_extras=True)
+    return {
+        name: (hints[name], parameter.default)
+        for name, parameter in inspect.signature(declaration).parameters.items()
+        if name != "self"
+    }
+
+
+def _as_declared(section: type[BaseModel], name: str) -> object:
+    """A section field's annotation, range included, as the library would declare it."""
+    annotation = section.model_fields[name].rebuild_annotation()
+    if get_origin(annotation) is list and section is QuantParams:  # a set in the library
+        return frozenset[get_args(annotation)[0]]
+    return annotation
+
+
+LIBRARY_FIELDS = [
+    pytest.param(QuantParams, QuantConfig, sorted(f.name for f in dataclasses.fields(QuantConfig))),
+    pytest.param(QuantParams, ModelConfig, MODEL_FIELDS_IN_QUANT),
+    pytest.param(ModelParams, ModelConfig, sorted(ModelParams.model_fields)),
+    pytest.param(
+        TrainParams,
+        LanguageModelTask.__init__,
+        sorted(set(inspect.signature(LanguageModelTask).parameters) - {"model", "eval_seed"}),
+    ),
+]
+
+
+@pytest.mark.parametrize(("section", "declaration", "names"), LIBRARY_FIELDS)
+def test_a_library_field_is_a_section_field_with_its_type_and_range(section, declaration, names):
+    declared = _declared(declaration)
+    for name in names:
+        assert _as_declared(section, name) == declared[name][0], name
+
+
+def test_params_yaml_defaults_are_the_librarys():
+    """One default per field: the library's (HitNet's quantization for quant)."""
+    for section, declaration, defaults in [
+        (QuantParams, QuantConfig, HITNET_QUANT),
+        (QuantParams, ModelConfig, None),
+        (ModelParams, ModelConfig, None),
+        (TrainParams, LanguageModelTask.__init__, None),
+    ]:
+        for name, (_, default) in _declared(declaration).items():
+            if name in section.model_fields:
+                expected = default if defaults is None else getattr(defaults, name)
+                got = section.model_fields[name].default
+                assert (got if name != "activations" else frozenset(got)) == expected, name
+    # HitNet's quantization, as params.yaml leaves it when it names no quant value
+    assert parse_params({"seed": 0}).quant.to_config() == HITNET_QUANT
+
+
 def test_every_library_config_field_is_set_from_params_yaml():
     """The library's configs are filled by name: a field params.yaml lacks would silently
     keep the library's default."""
-    import dataclasses
-    import inspect
-
-    from hitnet.lightning_module import LanguageModelTask
-    from hitnet.quantizers import QuantConfig
-    from pipeline.params import QuantParams, TrainParams
-
+    in_yaml = set(QuantParams.model_fields) | set(ModelParams.model_fields)
     assert {f.name for f in dataclasses.fields(QuantConfig)} <= set(QuantParams.model_fields)
+    assert {f.name for f in dataclasses.fields(ModelConfig)} - in_yaml == {
+        "vocab_size",  # the data's
+        "cell",  # the stage's
+        "quant",  # QuantParams.to_config()
+    }
     task_arguments = set(inspect.signature(LanguageModelTask).parameters) - {"model", "eval_seed"}
     assert task_arguments <= set(TrainParams.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("section", "override", "names"),
+    [(QuantParams, QuantOverride, QUANT_SEARCHED), (TrainParams, RecipeOverride, RECIPE_PER_CELL)],
+)
+def test_an_override_takes_exactly_its_fields_of_the_section_each_optional(
+    section, override, names
+):
+    assert list(override.model_fields) == list(names)
+    for name in names:
+        assert override.model_fields[name].rebuild_annotation() == (
+            section.model_fields[name].rebuild_annotation() | None
+        )
+        assert override.model_fields[name].default is None
+    assert override().model_dump() == dict.fromkeys(names)
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        override.model_validate({"clip": 1.0, "weight": "none"})
+
+
+@given(value=st.floats(min_value=-10, max_value=10) | st.sampled_from([math.nan, math.inf]))
+@pytest.mark.parametrize(
+    ("section", "override", "name"),
+    [
+        (QuantParams, QuantOverride, "ttq_threshold"),
+        (QuantParams, QuantOverride, "lambda_sigma"),
+        (TrainParams, RecipeOverride, "lr_threshold"),
+        (TrainParams, RecipeOverride, "distill_weight"),
+        (TrainParams, RecipeOverride, "dropout"),
+    ],
+)
+def test_a_value_the_section_refuses_its_override_refuses_and_so_does_the_library(
+    section, override, name, value
+):
+    def accepts(model: type[BaseModel]) -> bool:
+        try:
+            model.model_validate({name: value})
+        except ValidationError:
+            return False
+        return True
+
+    library = dict(
+        _declared(QuantConfig), **_declared(ModelConfig), **_declared(LanguageModelTask.__init__)
+    )
+    assert accepts(section) == accepts(override)
+    if math.isfinite(value):  # params.yaml refuses inf and nan everywhere; the library, by range
+        assert accepts(section) == (violation(name, value, library[name][0]) is None)
+
+
+def test_the_params_schema_names_every_section_and_its_ranges():
+    """Params' JSON schema (what an editor or a best.json check can validate against)."""
+    schema = Params.model_json_schema()
+    json.dumps(schema)  # plain JSON
+    assert set(schema["properties"]) == set(Params.model_fields)
+    quant = schema["$defs"]["QuantParams"]["properties"]
+    assert quant["ttq_threshold"]["minimum"] == 0 and quant["ttq_threshold"]["maximum"] == 3
+    assert quant["activations"]["items"]["enum"] == ["gates", "candidate", "hidden"]
+    recipe = schema["$defs"]["TrainParams"]["properties"]
+    assert recipe["lr"]["exclusiveMinimum"] == 0
+    assert set(schema["$defs"]["RecipeOverride"]["properties"]) == set(RECIPE_PER_CELL)
+    searched = SearchedSetting.model_json_schema()["properties"]
+    assert searched["ttq_threshold"]["maximum"] == 3
+    assert set(searched) >= set(SEARCHED)
