@@ -32,13 +32,12 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +46,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import harness
 from hitnet.data import Vocabulary
 from hitnet.language_model import ModelConfig, RNNLanguageModel
 from hitnet.packed import file_sizes, load_packed, save_packed
@@ -234,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="timed windows per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    harness.add_json_option(parser)
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.cells = [c for c in args.cells.split(",") if c]
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    device = harness.device_name(torch.device("cpu"))
+    print(f"device: {device}, torch {torch.__version__}")
     print(
         f"timing: median of {args.repeats} windows after {args.warmup}, variants taking turns "
         "(matmul: 20x more calls)"
@@ -270,14 +271,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += matmul_rows(path, args.batches, args.repeats, args.warmup)
     print_tables(rows, sizes, args.bptt)
     if args.json is not None:
-        report = {
-            "device": f"cpu ({torch.get_num_threads()} threads)",
-            "torch": torch.__version__,
-            "bptt": args.bptt,
-            "sizes": sizes,
-            "rows": [asdict(row) for row in rows],
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        harness.write_report(args.json, device, rows, bptt=args.bptt, sizes=sizes)
         print(f"\nwrote {args.json}")
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import harness
 from hitnet.language_model import ModelConfig, RNNLanguageModel, detach_state
 from hitnet.lightning_module import Distillation
 from hitnet.multirun import StackedSGD, clip_grad_norm_per_run_, per_run_training_loss
@@ -161,11 +161,6 @@ def stacked_step(
     return step
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(
     steps: list[Step],
     args: argparse.Namespace,
@@ -180,13 +175,13 @@ def time_steps(
         torch.cuda.reset_peak_memory_stats(device)
     times, loss = [], torch.zeros(())
     for round_ in range(args.warmup + args.steps):
-        sync(device)
+        harness.sync(device)
         if round_ == args.warmup and before_timing is not None:
             before_timing()
         start = time.perf_counter()
         for step in steps:
             loss = step(inputs, targets)
-        sync(device)
+        harness.sync(device)
         if round_ >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -239,17 +234,14 @@ def measure(
         times, peak, loss = time_steps(steps, args, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    median = statistics.median(times)
-    deciles = (
-        statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [median] * 9
-    )
+    median, p10, p90 = harness.spread(times, method="inclusive")
     epochs_per_min = runs * 60e3 / (median * args.epoch_steps)
     return Row(
         mode=mode,
         runs=runs,
         median_ms=median,
-        p10_ms=deciles[0],
-        p90_ms=deciles[-1],
+        p10_ms=p10,
+        p90_ms=p90,
         step_ratio=median / base.median_ms if base else 1.0,
         epochs_per_min=epochs_per_min,
         throughput_ratio=epochs_per_min / base.epochs_per_min if base else 1.0,
@@ -273,16 +265,9 @@ def table(rows: list[Row], device: str) -> str:
     return "\n".join(lines)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", default=default_device, help=f"default: {default_device}")
+    harness.add_device_option(parser)
     parser.add_argument("--cell", choices=sorted(RECIPE), default="lstm")
     parser.add_argument("--runs", type=int, nargs="+", default=[1, 2, 4, 6, 8, 16])
     parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
@@ -306,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--bptt", type=int, default=35)
     parser.add_argument("--epoch-steps", type=int, default=1327, help="steps in one epoch")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    harness.add_json_option(parser)
     args = parser.parse_args(argv)
     sizes = (args.steps, args.hidden, args.vocab, args.batch, args.bptt, args.epoch_steps)
     if min(sizes) < 1 or args.warmup < 0 or min(args.runs) < 1:
@@ -322,7 +307,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    name = device_name(device)
+    name = harness.device_name(device)
     print(f"device {name}, torch {torch.__version__}, {args.cell}, compile {args.compile_mode}")
     base = measure("single", 1, args, device, None)
     rows = [base]
@@ -332,19 +317,18 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(asdict(rows[-1])), flush=True)
     print(table(rows, name))
     if args.json:
-        report = {
-            "device": name,
-            "torch": torch.__version__,
-            "cell": args.cell,
-            "compile": args.compile_mode,
-            "distill": args.distill,
-            "shape": {k: getattr(args, k) for k in ("hidden", "vocab", "batch", "bptt")},
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "epoch_steps": args.epoch_steps,
-            "rows": [asdict(row) for row in rows],
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        harness.write_report(
+            args.json,
+            name,
+            rows,
+            cell=args.cell,
+            compile=args.compile_mode,
+            distill=args.distill,
+            shape={k: getattr(args, k) for k in ("hidden", "vocab", "batch", "bptt")},
+            steps=args.steps,
+            warmup=args.warmup,
+            epoch_steps=args.epoch_steps,
+        )
 
 
 if __name__ == "__main__":

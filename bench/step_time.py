@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +41,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import harness
 from hitnet.language_model import (
     ModelConfig,
     RecurrentState,
@@ -161,11 +160,6 @@ class Result:
     final_loss: float
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_variant(
     model: RNNLanguageModel,
     device: torch.device,
@@ -186,7 +180,7 @@ def time_variant(
     times: list[float] = []
     loss = torch.zeros(())
     for step in range(warmup + steps):
-        sync(device)
+        harness.sync(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         logits, state = model(inputs, state)
@@ -198,7 +192,7 @@ def time_variant(
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
-        sync(device)
+        harness.sync(device)
         if step >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -217,8 +211,7 @@ def bench_cell(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        median = statistics.median(times)
-        deciles = statistics.quantiles(times, n=10) if len(times) > 1 else [median] * 9
+        median, p10, p90 = harness.spread(times)
         base_ms = results[0].median_ms if results else median
         base_mib = results[0].peak_mib if results else peak
         results.append(
@@ -226,8 +219,8 @@ def bench_cell(
                 cell=cell,
                 variant=variant,
                 median_ms=median,
-                p10_ms=deciles[0],
-                p90_ms=deciles[-1],
+                p10_ms=p10,
+                p90_ms=p90,
                 ratio=median / base_ms,
                 peak_mib=peak,
                 mem_ratio=peak / base_mib if peak is not None and base_mib else None,
@@ -254,22 +247,15 @@ def print_table(cell: str, results: list[Result]) -> None:
         print(row)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (cuDNN {torch.backends.cudnn.version()})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", default=default_device, help=f"default: {default_device}")
+    harness.add_device_option(parser)
     parser.add_argument("--steps", type=int, default=50, help="timed steps per variant")
     parser.add_argument(
         "--warmup", type=int, default=5, help="untimed steps first (they include compiling)"
     )
     parser.add_argument("--cells", default="lstm,gru", help="comma-separated: lstm, gru")
-    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    harness.add_json_option(parser)
     parser.add_argument(
         "--slopes", default="1,1", help="the ternary layer's lambda_sigma,lambda_tanh (default 1,1)"
     )
@@ -300,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     compile_mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
-    print(f"device: {device_name(device)}")
+    name = harness.device_name(device, cudnn=True)
+    print(f"device: {name}")
     print(f"torch:  {torch.__version__}")
     print(f"steps:  {args.steps} timed after {args.warmup} warm-up, SGD lr {LR}, clip {CLIP}")
     results = []
@@ -309,22 +296,22 @@ def main(argv: list[str] | None = None) -> None:
         print_table(cell, cell_results)
         results.extend(cell_results)
     if args.json is not None:
-        report = {
-            "device": device_name(device),
-            "torch": torch.__version__,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "slopes": asdict(args.slopes),
-            "shape": {
+        harness.write_report(
+            args.json,
+            name,
+            results,
+            rows_key="results",
+            steps=args.steps,
+            warmup=args.warmup,
+            slopes=asdict(args.slopes),
+            shape={
                 "batch": BATCH,
                 "bptt": BPTT,
                 "embedding": EMBEDDING,
                 "hidden": HIDDEN,
                 "vocab": VOCAB,
             },
-            "results": [asdict(r) for r in results],
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        )
         print(f"\nwrote {args.json}")
 
 

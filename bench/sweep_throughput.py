@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import harness
 from pipeline.builders import build_task, datamodule_for
 from pipeline.params import Params, load_params
 from pipeline.tune import build_tuner, connect_ray
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit-eval-batches", type=int)
     parser.add_argument("--gpus", type=int, nargs="+", help="GPU counts to scale over")
     parser.add_argument("--trials-per-gpu", type=int, default=8, help="with --gpus")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    harness.add_json_option(parser)
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the steady rate skips each trial's first")

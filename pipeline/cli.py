@@ -8,11 +8,13 @@ is a bug and keeps its traceback; so does every error when ``HITNET_TRACEBACK=1`
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from hitnet.data import CorpusError
 from hitnet.lightning_module import TrainingDiverged
@@ -28,6 +30,16 @@ QUIET_WARNINGS = (
     r".*Checkpoint directory .* exists and is not empty.*",  # a resumed run's own folder
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
+
+
+def cell_stage_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a stage run once a cell, described by its module docstring's first
+    line: the cell, ``--params`` and ``--data``; the stage adds its own options."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("cell", choices=["lstm", "gru"])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=Path("data/ptb"))
+    return parser
 
 
 def quiet_libraries() -> None:

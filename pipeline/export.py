@@ -10,7 +10,6 @@ whole and by part, against the same parameters in FP32.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -22,7 +21,7 @@ from hitnet.language_model import CellType, RNNLanguageModel
 from hitnet.lightning_module import LanguageModelTask
 from hitnet.packed import file_sizes, load_packed, save_packed
 from pipeline.builders import compile_as_configured, datamodule_for, model_dir
-from pipeline.cli import run_command
+from pipeline.cli import cell_stage_parser, run_command
 from pipeline.params import Params, load_params
 from pipeline.tracking import stage_run
 
@@ -114,11 +113,8 @@ def export(params: Params, cell: CellType, runs: Path, data_dir: Path, out_dir: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cell", choices=["lstm", "gru"])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = cell_stage_parser(__doc__)
     parser.add_argument("--runs", type=Path, default=Path("runs"))
-    parser.add_argument("--data", type=Path, default=Path("data/ptb"))
     parser.add_argument("--out", type=Path, help="default: runs/export/<cell>")
     args = parser.parse_args(argv)
     out = args.out or args.runs / "export" / args.cell

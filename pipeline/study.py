@@ -21,7 +21,6 @@ only the rest (in the same MLflow run).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -63,7 +62,7 @@ from pipeline.builders import (
     model_dir,
     start_from_fp,
 )
-from pipeline.cli import run_command
+from pipeline.cli import cell_stage_parser, run_command
 from pipeline.paper import PAPER
 from pipeline.params import Params, QuantParams, load_params
 from pipeline.tracking import resumable_stage_run
@@ -447,10 +446,7 @@ def study(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cell", choices=["lstm", "gru"])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, default=Path("data/ptb"))
+    parser = cell_stage_parser(__doc__)
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the FP model is")
     parser.add_argument("--out", type=Path, help="default: study/<cell>")
     args = parser.parse_args(argv)

@@ -17,7 +17,6 @@ store, so a local SQLite file sees one writer).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -44,7 +43,7 @@ from pipeline.builders import (
     fingerprint,
     start_from_fp,
 )
-from pipeline.cli import run_command
+from pipeline.cli import cell_stage_parser, run_command
 from pipeline.params import QUANT_SEARCHED, SEARCHED, Params, TuneParams, load_params
 from pipeline.tracking import StageRun, resumable_stage_run, tracking_uri
 
@@ -429,10 +428,7 @@ def sweep(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cell", choices=["lstm", "gru"])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, default=Path("data/ptb"))
+    parser = cell_stage_parser(__doc__)
     parser.add_argument("--init", type=Path, help="default: runs/fp/<cell>/model.ckpt")
     parser.add_argument("--out", type=Path, help="default: runs/tune/<cell>")
     args = parser.parse_args(argv)

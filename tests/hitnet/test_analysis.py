@@ -25,14 +25,10 @@ from hitnet.quantizers import (
     ternarize_bernoulli,
     ternarize_threshold,
 )
+from tests.hitnet.seeded import normal_tensor, seeds
 
-seeds = st.integers(0, 2**31 - 1)
 shapes = st.tuples(st.integers(1, 30), st.integers(1, 30))
 CONFIG = QuantConfig(ttq_threshold=0.5)
-
-
-def _tensor(seed: int, shape: tuple[int, int], scale: float) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
 @pytest.mark.parametrize("x", [-2.0, -1.0, -0.6, -0.1, 0.0, 0.25, 0.5, 0.97, 1.4])
@@ -55,7 +51,7 @@ def test_btq_expected_error_by_hand():
 @settings(max_examples=40, deadline=None)
 @given(seed=seeds, shape=shapes, scale=st.floats(0.01, 2.0))
 def test_squared_error_is_what_each_quantizer_of_the_layer_computes(seed, shape, scale):
-    x = _tensor(seed, shape, scale)
+    x = normal_tensor(seed, shape, scale)
     weights_ttq = ternarize_threshold(x, 0.5, scaled=True)
     activations_ttq = ternarize_threshold(x, 0.5, scaled=False)
     uq = quantize_uniform(x, 2)
@@ -78,7 +74,7 @@ def test_activation_errors_ignore_which_groups_the_config_quantizes():
 @settings(max_examples=40, deadline=None)
 @given(seed=seeds, shape=shapes, scale=st.floats(0.01, 2.0), bits=st.integers(1, 3))
 def test_every_quantized_value_is_one_of_the_quantizers_levels(seed, shape, scale, bits):
-    x = _tensor(seed, shape, scale)
+    x = normal_tensor(seed, shape, scale)
     config = QuantConfig(uq_bits=bits, ttq_threshold=0.7)
     quantized = {
         ("uq", True): quantize_uniform(x, bits),
@@ -98,7 +94,7 @@ def test_every_quantized_value_is_one_of_the_quantizers_levels(seed, shape, scal
 @settings(max_examples=60, deadline=None)
 @given(seed=seeds, within=st.floats(0.01, 0.5))
 def test_near_a_ternary_level_is_within_the_distance_of_the_nearest_of_three(seed, within):
-    x = _tensor(seed, (50,), 1.0)
+    x = normal_tensor(seed, (50,), 1.0)
     distance = (x.unsqueeze(-1) - torch.tensor([-1.0, 0.0, 1.0])).abs().min(-1).values
     assert torch.equal(near_a_ternary_level(x, within), distance <= within)
 

@@ -17,19 +17,15 @@ from hitnet.quantizers import (
     ternarize_bernoulli,
     ternarize_threshold,
 )
+from tests.hitnet.seeded import normal_tensor, seeds
 
-seeds = st.integers(0, 2**31 - 1)
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 40))
-
-
-def _weights(seed: int, shape: tuple[int, int], scale: float = 0.1) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
 @settings(max_examples=60, deadline=None)
 @given(seed=seeds, shape=shapes, threshold=st.floats(0.0, 1.5))
 def test_ttq_values_are_minus_alpha_zero_alpha_with_alpha_the_kept_mean(seed, shape, threshold):
-    w = _weights(seed, shape)
+    w = normal_tensor(seed, shape, 0.1)
     q = ternarize_threshold(w, threshold, scaled=True)
     delta = threshold * w.abs().mean()
     kept = w.abs() > delta
@@ -44,7 +40,7 @@ def test_ttq_values_are_minus_alpha_zero_alpha_with_alpha_the_kept_mean(seed, sh
 @settings(max_examples=60, deadline=None)
 @given(seed=seeds, shape=shapes, threshold=st.floats(0.0, 1.5))
 def test_ttq_unscaled_is_exactly_sign_above_threshold(seed, shape, threshold):
-    w = _weights(seed, shape)
+    w = normal_tensor(seed, shape, 0.1)
     q = ternarize_threshold(w, threshold, scaled=False)
     expected = torch.where(w.abs() > threshold * w.abs().mean(), torch.sign(w), 0.0)
     assert torch.equal(q, expected)
@@ -54,7 +50,7 @@ def test_ttq_unscaled_is_exactly_sign_above_threshold(seed, shape, threshold):
 @settings(max_examples=60, deadline=None)
 @given(seed=seeds, shape=shapes, threshold=st.floats(0.0, 1.5), scaled=st.booleans())
 def test_ttq_per_row_is_ttq_of_each_row_on_its_own(seed, shape, threshold, scaled):
-    w = _weights(seed, shape) * torch.rand(shape[0], 1) * 10  # rows of different scales
+    w = normal_tensor(seed, shape, 0.1) * torch.rand(shape[0], 1) * 10  # rows of different scales
     q = ternarize_threshold(w, threshold, scaled=scaled, per_row=True)
     for row, quantized in zip(w, q, strict=True):
         assert torch.allclose(quantized, ternarize_threshold(row, threshold, scaled=scaled))
@@ -193,7 +189,7 @@ def test_quantizer_modules_follow_the_config():
 def test_btq_of_weights_is_ternary_unbiased_on_the_clipped_weights_and_drawn_in_eval(
     seed, shape, scale
 ):
-    w = _weights(seed, shape, scale).requires_grad_()
+    w = normal_tensor(seed, shape, scale).requires_grad_()
     quantizer = WeightQuantizer(QuantConfig(weight="btq", btq_eval="deterministic")).eval()
     torch.manual_seed(seed)
     q = quantizer(w)

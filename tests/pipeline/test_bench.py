@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.conftest import REPO_ROOT
 from tests.pipeline.conftest import run_tool
 
 pytestmark = pytest.mark.slow
+
+
+def run_bench(
+    script: str, tmp_path: Path, *args: str
+) -> tuple[dict[str, Any], subprocess.CompletedProcess]:
+    """Runs ``bench/<script>.py`` from the repository with ``--json``: (its report, the run)."""
+    out = tmp_path / f"{script}.json"
+    result = run_tool(REPO_ROOT, sys.executable, f"bench/{script}.py", *args, "--json", str(out))
+    return json.loads(out.read_text()), result
 
 
 def test_sweep_throughput_measures_every_concurrency_level(smoke_project: Path) -> None:
@@ -66,16 +78,12 @@ def test_sweep_throughput_scales_over_gpu_counts(smoke_project: Path) -> None:
 def test_step_time_reports_each_variant_against_torch(
     tmp_path: Path, slopes: str, named: str
 ) -> None:
-    out = tmp_path / "step_time.json"
-    repo = Path(__file__).resolve().parents[2]
-    run_tool(
-        repo,
-        sys.executable,
-        "bench/step_time.py",
+    report, _ = run_bench(
+        "step_time",
+        tmp_path,
         *("--device", "cpu", "--steps", "2", "--warmup", "1", "--cells", "gru"),
-        *("--slopes", slopes, "--json", str(out)),
+        *("--slopes", slopes),
     )
-    report = json.loads(out.read_text())
     sigma, tanh = (float(value) for value in slopes.split(","))
     assert report["slopes"] == {"sigma": sigma, "tanh": tanh}
     baseline, *others = report["results"]
@@ -91,16 +99,12 @@ def test_step_time_reports_each_variant_against_torch(
 
 
 def test_cpu_inference_measures_every_variant_against_its_baseline(tmp_path: Path) -> None:
-    out = tmp_path / "cpu_inference.json"
-    repo = Path(__file__).resolve().parents[2]
-    result = run_tool(
-        repo,
-        sys.executable,
-        "bench/cpu_inference.py",
+    report, result = run_bench(
+        "cpu_inference",
+        tmp_path,
         *("--hidden", "8", "--vocab", "40", "--batches", "1,3", "--bptt", "5"),
-        *("--repeats", "2", "--warmup", "1", "--json", str(out)),
+        *("--repeats", "2", "--warmup", "1"),
     )
-    report = json.loads(out.read_text())
     assert sorted(report["sizes"]) == ["gru", "lstm"]
     for size in report["sizes"].values():
         assert size["recurrent_weights_ratio"] > 10 and size["file_bytes"] > 0
@@ -125,17 +129,12 @@ def test_cpu_inference_measures_every_variant_against_its_baseline(tmp_path: Pat
 def test_multirun_throughput_measures_stacked_runs_and_processes_against_one(
     tmp_path: Path,
 ) -> None:
-    out = tmp_path / "multirun.json"
-    repo = Path(__file__).resolve().parents[2]
-    result = run_tool(
-        repo,
-        sys.executable,
-        "bench/multirun_throughput.py",
+    report, result = run_bench(
+        "multirun_throughput",
+        tmp_path,
         *("--device", "cpu", "--cell", "gru", "--runs", "1", "2", "--steps", "2"),
         *("--warmup", "1", "--hidden", "8", "--vocab", "30", "--batch", "2", "--bptt", "3"),
-        *("--json", str(out)),
     )
-    report = json.loads(out.read_text())
     assert (report["cell"], report["compile"], report["distill"]) == ("gru", None, True)
     base, *rows = report["rows"]
     assert (base["mode"], base["runs"], base["step_ratio"], base["throughput_ratio"]) == (

@@ -93,204 +93,146 @@ def test_repo_params_parse_from_the_raw_dict(repo_raw: dict[str, Any]) -> None:
     assert parse_params(repo_raw) == load_params(REPO_PARAMS)
 
 
-BAD_VALUES = [
-    pytest.param(
-        {"model": {"hidden_size": "big"}},
-        "model.hidden_size",
-        "valid integer",
-        id="wrong-type",
-    ),
-    pytest.param({"sed": 0}, "sed", "Extra inputs are not permitted", id="unknown-top-level"),
-    pytest.param(
+# id: (changes to the repository's params.yaml, the key the message names, what it expects)
+BAD_VALUES = {
+    "wrong-type": ({"model": {"hidden_size": "big"}}, "model.hidden_size", "valid integer"),
+    "unknown-top-level": ({"sed": 0}, "sed", "Extra inputs are not permitted"),
+    "unknown-in-section": (
         {"model": {"hiden_size": 300}},
         "model.hiden_size",
         "Extra inputs are not permitted",
-        id="unknown-in-section",
     ),
-    pytest.param(
-        {"quant": {"lambda_sigma": -1}},
-        "quant.lambda_sigma",
-        "greater than 0",
-        id="negative-slope",
-    ),
-    pytest.param(
+    "negative-slope": ({"quant": {"lambda_sigma": -1}}, "quant.lambda_sigma", "greater than 0"),
+    "threshold-too-high": (
         {"quant": {"ttq_threshold": 5}},
         "quant.ttq_threshold",
         "less than or equal to 3",
-        id="threshold-too-high",
     ),
-    pytest.param(
+    "threshold-negative": (
         {"quant": {"ttq_threshold": -0.1}},
         "quant.ttq_threshold",
         "greater than or equal to 0",
-        id="threshold-negative",
     ),
-    pytest.param({"cells": ["lstm", "rnn"]}, "cells", "'lstm' or 'gru'", id="unknown-cell"),
-    pytest.param(
+    "unknown-cell": ({"cells": ["lstm", "rnn"]}, "cells", "'lstm' or 'gru'"),
+    "unknown-weight-quantizer": (
         {"quant": {"weight": "fp4"}},
         "quant.weight",
         "'none', 'ttq', 'btq' or 'uq'",
-        id="unknown-weight-quantizer",
     ),
-    pytest.param(
-        {"data": {"batch_size": 0}},
-        "data.batch_size",
-        "greater than or equal to 1",
-        id="zero-batch",
-    ),
-    pytest.param(
-        {"train_fp": {"lr_decay": 1.5}},
-        "train_fp.lr_decay",
-        "less than 1",
-        id="lr-decay-above-one",
-    ),
-    pytest.param(
+    "zero-batch": ({"data": {"batch_size": 0}}, "data.batch_size", "greater than or equal to 1"),
+    "lr-decay-above-one": ({"train_fp": {"lr_decay": 1.5}}, "train_fp.lr_decay", "less than 1"),
+    "lr-threshold-not-a-fraction": (
         {"train_ternary": {"per_cell": {"lstm": {"lr_threshold": 1.0}}}},
         "train_ternary.per_cell.lstm.lr_threshold",
         "less than 1",
-        id="lr-threshold-not-a-fraction",
     ),
-    pytest.param(
+    "unknown-btq-eval": (
         {"quant": {"btq_eval": "rounded"}},
         "quant.btq_eval",
         "'stochastic' or 'deterministic'",
-        id="unknown-btq-eval",
     ),
-    pytest.param(
-        {"report": {"eval_seeds": []}},
-        "report.eval_seeds",
-        "at least 1 item",
-        id="no-eval-seeds",
-    ),
-    pytest.param(
+    "no-eval-seeds": ({"report": {"eval_seeds": []}}, "report.eval_seeds", "at least 1 item"),
+    "unknown-precision": (
         {"hardware": {"precision": "8-bit"}},
         "hardware.precision",
         "'32-true', '16-mixed' or 'bf16-mixed'",
-        id="unknown-precision",
     ),
-    pytest.param(
+    "deterministic-not-a-boolean": (
         {"hardware": {"deterministic": "yes"}},
         "hardware.deterministic",
         "valid boolean",
-        id="deterministic-not-a-boolean",
     ),
-    pytest.param(
+    "tie-unequal-sizes": (
         {"model": {"tie_weights": True, "embedding_size": 200}},
         "model.tie_weights",
         "model.embedding_size == model.hidden_size",
-        id="tie-unequal-sizes",
     ),
-    pytest.param(
+    "distill-weight-above-one": (
         {"train_ternary": {"distill_weight": 1.5}},
         "train_ternary.distill_weight",
         "less than or equal to 1",
-        id="distill-weight-above-one",
     ),
-    pytest.param(
+    "fp-stage-distils": (
         {"train_fp": {"distill_weight": 0.5}},
         "train_fp.distill_weight",
         "the FP model is the teacher",
-        id="fp-stage-distils",
     ),
-    pytest.param(
+    "fp-stage-distils-one-cell": (
         {"train_fp": {"per_cell": {"gru": {"distill_weight": 0.5}}}},
         "train_fp.per_cell.gru.distill_weight",
         "the FP model is the teacher",
-        id="fp-stage-distils-one-cell",
     ),
-    pytest.param(
+    "fp-stage-warms-up-activations": (
         {"train_fp": {"per_cell": {"lstm": {"activation_warmup_steps": 500}}}},
         "train_fp.per_cell.lstm.activation_warmup_steps",
         "the FP model quantizes no activations",
-        id="fp-stage-warms-up-activations",
     ),
-    pytest.param(
+    "negative-warmup": (
         {"train_ternary": {"activation_warmup_steps": -1}},
         "train_ternary.activation_warmup_steps",
         "greater than or equal to 0",
-        id="negative-warmup",
     ),
-    pytest.param(
+    "averaging-after-the-last-epoch": (
         {"train_ternary": {"epochs": 30, "average_from_epoch": 31}},
         "train_ternary.average_from_epoch",
         "after the lstm's last epoch (30)",
-        id="averaging-after-the-last-epoch",
     ),
-    pytest.param(
+    "averaging-after-one-cells-last-epoch": (
         {"train_fp": {"average_from_epoch": 20, "per_cell": {"gru": {"epochs": 10}}}},
         "train_fp.average_from_epoch",
         "after the gru's last epoch (10)",
-        id="averaging-after-one-cells-last-epoch",
     ),
-    pytest.param(
+    "one-cells-averaging-after-its-last-epoch": (
         {"train_ternary": {"per_cell": {"gru": {"average_from_epoch": 115}}}},
         "train_ternary.per_cell.gru.average_from_epoch",
         "after the gru's last epoch (110)",
-        id="one-cells-averaging-after-its-last-epoch",
     ),
-    pytest.param(
+    "milestone-at-the-last-epoch": (
         {"train_ternary": {"lr_milestones": [10, 110]}},
         "train_ternary.lr_milestones",
         "before the gru's last (110)",
-        id="milestone-at-the-last-epoch",
     ),
-    pytest.param(
+    "one-cells-milestones-out-of-order": (
         {"train_ternary": {"per_cell": {"gru": {"lr_milestones": [20, 10]}}}},
         "train_ternary.per_cell.gru.lr_milestones",
         "must be increasing",
-        id="one-cells-milestones-out-of-order",
     ),
-    pytest.param({"training_seeds": []}, "training_seeds", "at least 1", id="no-training-seed"),
-    pytest.param(
+    "searched-threshold-out-of-range": (
         {"tune": {"ttq_threshold": [0.5, 4.0]}},
         "tune.ttq_threshold.1",
         "less than or equal to 3",  # quant.ttq_threshold's range
-        id="searched-threshold-out-of-range",
     ),
-    pytest.param(
+    "searched-dropout-out-of-range": (
         {"tune": {"dropout": [0.1, 1.0]}},
         "tune.dropout.1",
         "less than 1",  # model.dropout's range
-        id="searched-dropout-out-of-range",
     ),
-    pytest.param(
-        {"train_fp": {"lr": float("inf")}}, "train_fp.lr", "finite number", id="infinite-lr"
-    ),
-    pytest.param(
+    "no-training-seed": ({"training_seeds": []}, "training_seeds", "at least 1"),
+    "infinite-lr": ({"train_fp": {"lr": float("inf")}}, "train_fp.lr", "finite number"),
+    "nan-slope": (
         {"quant": {"per_cell": {"lstm": {"lambda_sigma": float("nan")}}}},
         "quant.per_cell.lstm.lambda_sigma",
         "finite number",
-        id="nan-slope",
     ),
-    pytest.param(
-        {"training_seeds": [0, 1, 0]}, "training_seeds", "distinct", id="repeated-training-seed"
-    ),
-    pytest.param({"study": {"lambdas": []}}, "study.lambdas", "at least 1", id="no-lambda"),
-    pytest.param(
-        {"study": {"lambdas": [1.0, 0.0]}}, "study.lambdas.1", "greater than 0", id="zero-lambda"
-    ),
-    pytest.param(
-        {"study": {"lambdas": [1.0, 2.0, 1.0]}}, "study.lambdas", "distinct", id="lambda-twice"
-    ),
-    pytest.param(
+    "repeated-training-seed": ({"training_seeds": [0, 1, 0]}, "training_seeds", "distinct"),
+    "no-lambda": ({"study": {"lambdas": []}}, "study.lambdas", "at least 1"),
+    "zero-lambda": ({"study": {"lambdas": [1.0, 0.0]}}, "study.lambdas.1", "greater than 0"),
+    "lambda-twice": ({"study": {"lambdas": [1.0, 2.0, 1.0]}}, "study.lambdas", "distinct"),
+    "polarized-band-overlaps": (
         {"study": {"polarized_within": 0.7}},
         "study.polarized_within",
         "less than or equal to 0.5",
-        id="polarized-band-overlaps",
     ),
-    pytest.param(
-        {"study": {"epochs": 0}}, "study.epochs", "greater than or equal to 1", id="no-study-epochs"
-    ),
-    pytest.param(
+    "no-study-epochs": ({"study": {"epochs": 0}}, "study.epochs", "greater than or equal to 1"),
+    "one-bin": (
         {"study": {"histogram_bins": 1}},
         "study.histogram_bins",
         "greater than or equal to 2",
-        id="one-bin",
     ),
-]
+}
 
 
-@pytest.mark.parametrize(("changes", "key", "expected"), BAD_VALUES)
+@pytest.mark.parametrize(("changes", "key", "expected"), BAD_VALUES.values(), ids=BAD_VALUES)
 def test_bad_value_names_key_and_expectation(
     repo_raw: dict[str, Any], changes: dict[str, Any], key: str, expected: str
 ) -> None:

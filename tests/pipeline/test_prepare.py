@@ -8,7 +8,7 @@ import json
 import shutil
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -47,6 +47,14 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Pa
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def served_ptb(ptb_dir: Path, server: tuple[Path, str]) -> tuple[Path, str]:
+    """(folder, url): the server, serving a copy of PTB."""
+    folder, url = server
+    copy_ptb(ptb_dir, folder)
+    return folder, url
 
 
 def copy_ptb(ptb_dir: Path, dest: Path) -> Path:
@@ -133,11 +141,8 @@ def test_local_source_missing_file_names_the_path(ptb_dir: Path, tmp_path: Path)
     assert_no_staging(out.parent)
 
 
-def test_download_accepts_good_files(
-    ptb_dir: Path, tmp_path: Path, server: tuple[Path, str]
-) -> None:
-    folder, url = server
-    copy_ptb(ptb_dir, folder)
+def test_download_accepts_good_files(tmp_path: Path, served_ptb: tuple[Path, str]) -> None:
+    _, url = served_ptb
     out = tmp_path / "data" / "ptb"
     stats = prepare(DataParams(source=None, url=url), out)
     assert_complete_output(out, stats)
@@ -145,63 +150,66 @@ def test_download_accepts_good_files(
 
 
 def test_download_accepts_url_with_trailing_slash(
-    ptb_dir: Path, tmp_path: Path, server: tuple[Path, str]
+    tmp_path: Path, served_ptb: tuple[Path, str]
 ) -> None:
-    folder, url = server
-    copy_ptb(ptb_dir, folder)
+    _, url = served_ptb
     stats = prepare(DataParams(source=None, url=f"{url}/"), tmp_path / "ptb")
     assert stats == PTB_STATS
 
 
-def test_download_rejects_corrupt_file(
-    ptb_dir: Path, tmp_path: Path, server: tuple[Path, str]
-) -> None:
-    folder, url = server
-    copy_ptb(ptb_dir, folder)
+def corrupt_valid(folder: Path) -> None:
     change_one_word(folder / "ptb.valid.txt")
+
+
+def remove_test(folder: Path) -> None:
+    (folder / "ptb.test.txt").unlink()  # the server answers 404
+
+
+@pytest.mark.parametrize(
+    ("spoil", "expected"),
+    [
+        pytest.param(
+            corrupt_valid,
+            ["ptb.valid.txt", "sha256", "does not match", PTB_SHA256["ptb.valid.txt"]],
+            id="corrupt-file",
+        ),
+        pytest.param(
+            remove_test,
+            ["ptb.test.txt", "download", "404", "{url}/ptb.test.txt"],
+            id="missing-file",
+        ),
+    ],
+)
+def test_a_bad_download_is_named_and_leaves_nothing(
+    tmp_path: Path,
+    served_ptb: tuple[Path, str],
+    spoil: Callable[[Path], None],
+    expected: list[str],
+) -> None:
+    folder, url = served_ptb
+    spoil(folder)
     out = tmp_path / "data" / "ptb"
     with pytest.raises(CorpusError) as caught:
         prepare(DataParams(source=None, url=url), out)
     message = str(caught.value)
-    assert "ptb.valid.txt" in message
-    assert "sha256" in message
-    assert "does not match" in message
-    assert PTB_SHA256["ptb.valid.txt"] in message
+    for words in expected:
+        assert words.format(url=url) in message
     assert not out.exists()
     assert_no_staging(out.parent)
 
 
 def test_failed_prepare_leaves_older_output_untouched(
-    ptb_dir: Path, tmp_path: Path, server: tuple[Path, str]
+    ptb_dir: Path, tmp_path: Path, served_ptb: tuple[Path, str]
 ) -> None:
     out = tmp_path / "data" / "ptb"
     prepare(DataParams(source=str(ptb_dir)), out)
     before = snapshot(out)
-    folder, url = server
-    copy_ptb(ptb_dir, folder)
+    folder, url = served_ptb
     change_one_word(folder / "ptb.test.txt")
     with pytest.raises(CorpusError, match=r"ptb\.test\.txt: sha256 .* does not match"):
         prepare(DataParams(source=None, url=url), out)
     assert snapshot(out) == before
     assert_no_staging(out.parent, "ptb")
-
-
-def test_download_missing_file_names_it(
-    ptb_dir: Path, tmp_path: Path, server: tuple[Path, str]
-) -> None:
-    folder, url = server
-    copy_ptb(ptb_dir, folder)
-    (folder / "ptb.test.txt").unlink()  # the server answers 404
-    out = tmp_path / "data" / "ptb"
-    with pytest.raises(CorpusError) as caught:
-        prepare(DataParams(source=None, url=url), out)
-    message = str(caught.value)
-    assert "ptb.test.txt" in message
-    assert "download" in message
-    assert "404" in message
-    assert f"{url}/ptb.test.txt" in message
-    assert not out.exists()
-    assert_no_staging(out.parent)
 
 
 def test_unreachable_server_is_a_corpus_error(tmp_path: Path) -> None:

@@ -30,8 +30,11 @@ TINY = deep_update(
 )
 
 
-def _fp_model(params: Params, ptb_dir: Path, tmp_path: Path) -> Path:
-    """A tiny FP LSTM trained by the stage, in tmp_path; its model.ckpt."""
+@pytest.fixture
+def fp_model(tmp_path: Path, ptb_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny FP LSTM trained by the stage in tmp_path, the working directory; its model.ckpt."""
+    monkeypatch.chdir(tmp_path)
+    params = Params.model_validate(TINY)
     train(params, "lstm", "fp", ptb_dir, tmp_path / "fp", work_root=tmp_path / "ck")
     return tmp_path / "fp" / "model.ckpt"
 
@@ -45,18 +48,16 @@ def test_distillation_without_an_fp_model_fails_before_any_work(tmp_path: Path, 
 
 @pytest.mark.slow
 def test_a_distilled_averaged_ternary_stage_starts_from_its_fp_model_and_saves_one_model(
-    tmp_path: Path, ptb_dir, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ptb_dir, fp_model: Path
 ):
-    monkeypatch.chdir(tmp_path)
     params = Params.model_validate(TINY)
-    init = _fp_model(params, ptb_dir, tmp_path)
     metrics = train(
         params,
         "lstm",
         "ternary",
         ptb_dir,
         tmp_path / "ternary",
-        init_from=init,
+        init_from=fp_model,
         work_root=tmp_path / "ck",
     )
     assert metrics["epochs"] == SMOKE["train_ternary"]["epochs"] and torch.isfinite(
@@ -147,11 +148,10 @@ def test_the_same_model_is_the_same_bytes_in_two_checkouts(
 
 @pytest.mark.slow
 def test_an_fp_model_of_another_cell_is_named_as_the_wrong_init(
-    tmp_path: Path, ptb_dir, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ptb_dir, fp_model: Path
 ):
-    monkeypatch.chdir(tmp_path)
     params = Params.model_validate(TINY)
-    init = _fp_model(params, ptb_dir, tmp_path)
-    with pytest.raises(ParamsError, match=rf"--init {init} is not this stage's FP model \(a gru"):
-        train(params, "gru", "ternary", ptb_dir, tmp_path / "t", init_from=init, work_root="ck")
+    wrong_init = rf"--init {fp_model} is not this stage's FP model \(a gru"
+    with pytest.raises(ParamsError, match=wrong_init):
+        train(params, "gru", "ternary", ptb_dir, tmp_path / "t", init_from=fp_model, work_root="ck")
     assert not (tmp_path / "t").exists()
