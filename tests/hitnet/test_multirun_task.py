@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from hitnet.data import PTBDataModule
@@ -14,21 +13,10 @@ from hitnet.language_model import ModelConfig, RNNLanguageModel
 from hitnet.lightning_module import LanguageModelTask
 from hitnet.multirun_task import StackedRunsTask
 from hitnet.quantizers import QuantConfig
+from tests.hitnet.conftest import cpu_trainer as _trainer
 
 TERNARY = QuantConfig(weight="ttq", activation="btq")
 LIMITS = {"limit_train_batches": 4, "limit_val_batches": 2, "max_epochs": 2}
-
-
-def _trainer(**kwargs) -> pl.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    return pl.Trainer(**{**defaults, **kwargs})
 
 
 @pytest.fixture(scope="module")
