@@ -163,7 +163,7 @@ def test_an_ordinary_callback_reads_this_epochs_train_ppl_and_lr_at_train_epoch_
     pl.seed_everything(0)
     task = _task(small_ptb.vocab_size, lr=20.0, lr_milestones=[1])
     record = _RecordEpochEnd()
-    _trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=2, callbacks=[record]).fit(
+    _trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, callbacks=[record]).fit(
         task, small_ptb
     )
     assert len(record.seen) == 2
@@ -176,7 +176,7 @@ def test_an_ordinary_callback_reads_this_epochs_train_ppl_and_lr_at_train_epoch_
 def test_the_lr_schedule_steps_after_the_validations_of_a_fit_only(small_ptb):
     pl.seed_everything(0)
     task = _task(small_ptb.vocab_size, lr=20.0)
-    trainer = _trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=2)
+    trainer = _trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=1)
     trainer.fit(task, small_ptb)
     assert task.lr_schedule.last_epoch == 2
     trainer.validate(task, small_ptb, verbose=False)
