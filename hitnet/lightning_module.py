@@ -4,20 +4,28 @@ Lightning 2 has no built-in truncated BPTT, so each batch is one bptt window fro
 unshuffled loader and the module carries the detached hidden state from batch to batch.
 Hidden-state policy: reset to zeros at the start of every train/val/test epoch, carried
 (and detached) across the batches of an epoch; checkpoints are taken at epoch ends, so a
-resumed run starts its next epoch exactly as an uninterrupted one. Checkpoints also hold the
-RNG states, so a resumed run draws the same dropout masks and BTQ noise.
+resumed run starts its next epoch exactly as an uninterrupted one.
 
-Optionally the loss also distils from a frozen teacher (the full-precision model a ternary one
-starts from): its softmax is a second, soft target (``set_teacher``). Two more parts come as
-callbacks the task brings along (``configure_callbacks``): from epoch ``average_from_epoch`` on,
-averaged SGD (``hitnet.averaging``: the lr stays where it is, and the running mean of the
-weights is what validation measures and checkpoints save); and with ``activation_warmup_steps``,
-the activations' quantization noise coming in over the first steps (``hitnet.warmup``).
+The module computes the losses and logs the perplexities; each other part does one job and
+comes as a callback the task brings along (``configure_callbacks``):
+- ``hitnet.lr_schedule``: the lr schedule (plateau or milestones), stepped after validation;
+- ``hitnet.rng_resume``: the RNG states in checkpoints, so a resumed run draws the same
+  dropout masks and BTQ noise;
+- ``hitnet.averaging``: from epoch ``average_from_epoch`` on, averaged SGD (the lr stays where
+  it is, and the running mean of the weights is what validation measures and checkpoints save);
+- ``hitnet.warmup``: with ``activation_warmup_steps``, the activations' quantization noise
+  coming in over the first steps.
+Optionally the loss also distils from a frozen teacher (``set_teacher``, ``hitnet.distillation``).
+
+``train_ppl`` and ``lr`` are logged from the epoch's last training batch, so that every
+callback reads them in its ``on_train_epoch_end`` (Lightning calls ordinary callbacks' epoch-end
+hooks before the module's).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import pytorch_lightning as pl
@@ -25,9 +33,7 @@ import torch
 import torch.nn.functional as F
 from annotated_types import Interval, MinLen
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from hitnet.averaging import AveragedSGD
 from hitnet.constraints import (
@@ -38,7 +44,11 @@ from hitnet.constraints import (
     Probability,
     checked_arguments,
 )
+from hitnet.distillation import Distillation
 from hitnet.language_model import ModelConfig, RecurrentState, RNNLanguageModel, detach_state
+from hitnet.lr_schedule import LRStepAfterValidation, lr_schedule
+from hitnet.lr_schedule import step_lr_schedule as step_lr_schedule  # hitnet.multirun_task's
+from hitnet.rng_resume import ResumeRNG
 from hitnet.warmup import ActivationWarmup
 
 SPLIT_METRIC = {"train": "train_ppl", "val": "val_ppl", "test": "test_ppl"}
@@ -48,6 +58,17 @@ MAX_MEAN_NLL = 700.0
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite (or too large to exponentiate): the run diverged."""
+
+
+@dataclass
+class _Pass:
+    """One epoch's pass over a split: the hidden state carried from window to window, the
+    summed NLL and token count of its perplexity, and (evaluation) the BTQ generator."""
+
+    nll_sum: Tensor
+    generator: torch.Generator | None = None
+    state: RecurrentState | None = None
+    token_count: int = 0
 
 
 class LanguageModelTask(pl.LightningModule):
@@ -85,7 +106,10 @@ class LanguageModelTask(pl.LightningModule):
         if lr_milestones is not None and sorted(set(lr_milestones)) != lr_milestones:
             raise ValueError(f"lr_milestones must be increasing epochs, got {lr_milestones}")
         # the parts that come as callbacks, built (and so checked) now
-        self._parts: list[Callback] = []
+        self._parts: list[Callback] = [
+            LRStepAfterValidation("val_ppl", hold_from_epoch=average_from_epoch),
+            ResumeRNG(),
+        ]
         if average_from_epoch is not None:
             self._parts.append(AveragedSGD(average_from_epoch))
         if activation_warmup_steps:  # a negative count is refused by ActivationWarmup
@@ -106,12 +130,9 @@ class LanguageModelTask(pl.LightningModule):
             }
         )
         self.model = RNNLanguageModel(config)
-        self._state: RecurrentState | None = None
-        self._generator: torch.Generator | None = None
-        self._nll_sum: Tensor | None = None
-        self._token_count = 0
-        self._resumed_rng: dict[str, Any] | None = None
-        self._resumed_schedule: dict[str, Any] | None = None
+        # training's pass and evaluation's are kept apart: validation runs mid-epoch
+        self._train_pass: _Pass | None = None
+        self._eval_pass: _Pass | None = None
         self._distillation: Distillation | None = None
 
     def set_teacher(self, teacher: RNNLanguageModel) -> None:
@@ -128,200 +149,79 @@ class LanguageModelTask(pl.LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         return self._parts
 
-    def _averaging(self) -> bool:
-        """True from the epoch averaged SGD starts: the lr then stays where it is."""
-        start = self.hparams.average_from_epoch
-        return start is not None and self.current_epoch + 1 >= start
-
     # --- shared by train / val / test -------------------------------------------------
-    def _start_epoch(self, seeded: bool) -> None:
-        self._state = None
-        self._nll_sum = torch.zeros((), device=self.device)
-        self._token_count = 0
-        self._generator = None
+    def _start_pass(self, seeded: bool) -> _Pass:
+        generator = None
         if seeded:
-            self._generator = torch.Generator(device=self.device)
-            self._generator.manual_seed(self.hparams.eval_seed)
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(self.hparams.eval_seed)
+        return _Pass(torch.zeros((), device=self.device), generator)
 
-    def _window_loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def _window_loss(self, batch: tuple[Tensor, Tensor], run: _Pass) -> tuple[Tensor, Tensor]:
         """Cross-entropy of one window (accumulated for the epoch's perplexity) and logits."""
         inputs, targets = batch
-        if self._state is None:
-            self._state = self.model.initial_state(inputs.size(1), self.device)
-        logits, state = self.model(inputs, self._state, generator=self._generator)
-        self._state = detach_state(state)
+        if run.state is None:
+            run.state = self.model.initial_state(inputs.size(1), self.device)
+        logits, state = self.model(inputs, run.state, generator=run.generator)
+        run.state = detach_state(state)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        self._nll_sum += loss.detach() * targets.numel()
-        self._token_count += targets.numel()
+        run.nll_sum += loss.detach() * targets.numel()
+        run.token_count += targets.numel()
         return loss, logits
 
-    def _log_perplexity(self, split: str) -> float:
+    def _log_perplexity(self, split: str, run: _Pass, **log_options: Any) -> None:
         """Logs the epoch's perplexity; raises ``TrainingDiverged`` for a NaN or overflowing
         loss before anything (a checkpoint, a metric) records it."""
-        mean_nll = self._nll_sum.item() / max(self._token_count, 1)
+        mean_nll = run.nll_sum.item() / max(run.token_count, 1)
         if not math.isfinite(mean_nll) or mean_nll > MAX_MEAN_NLL:
             raise TrainingDiverged(
                 f"training diverged: the {split} loss is {mean_nll:g} at epoch "
                 f"{self.current_epoch + 1} (lr {self.hparams.lr:g}); try a lower lr"
             )
-        ppl = math.exp(mean_nll)
-        self.log(SPLIT_METRIC[split], ppl, prog_bar=True)
-        return ppl
+        self.log(SPLIT_METRIC[split], math.exp(mean_nll), prog_bar=True, **log_options)
 
     # --- training ---------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
-        if self._resumed_rng is not None:
-            # Applied here, not at load time: the sanity check and loader set-up that precede
-            # a resumed epoch draw from the RNG, which the uninterrupted run never did.
-            _set_rng_state(self._resumed_rng)
-            self._resumed_rng = None
-        self._start_epoch(seeded=False)
+        self._train_pass = self._start_pass(seeded=False)
         if self._distillation is not None:
             self._distillation.start_epoch(self.device)
-        # The lr this epoch trains with (the plateau step after validation changes it).
-        self._epoch_lr = self.optimizers().param_groups[0]["lr"]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, logits = self._window_loss(batch)  # train_ppl stays the plain cross-entropy
+        loss, logits = self._window_loss(batch, self._train_pass)
         self.log("train_loss", loss, prog_bar=True)
+        if self.trainer.is_last_batch:
+            # Logged as epoch values once, here, so callbacks see them at epoch end; the lr
+            # is the one this epoch trained with (its step comes after validation).
+            once = {"on_step": False, "on_epoch": True, "batch_size": 1}
+            self._log_perplexity("train", self._train_pass, **once)  # the plain cross-entropy
+            self.log("lr", self.optimizers().param_groups[0]["lr"], **once)
         if self._distillation is None:
             return loss
         weight = self.hparams.distill_weight
         return (1 - weight) * loss + weight * self._distillation.loss(batch[0], logits)
 
-    def on_train_epoch_end(self) -> None:
-        self._log_perplexity("train")
-        self.log("lr", self._epoch_lr)
-
-    # --- evaluation: state and accumulators kept apart from training's ----------------
+    # --- evaluation -------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        # Validation runs before on_train_epoch_end: keep training's accumulators aside.
-        self._train_snapshot = (self._state, self._nll_sum, self._token_count)
-        self._start_epoch(seeded=True)
+        self._eval_pass = self._start_pass(seeded=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._window_loss(batch)
+        self._window_loss(batch, self._eval_pass)
 
     def on_validation_epoch_end(self) -> None:
-        val_ppl = self._log_perplexity("val")
-        fitting = self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
-        if fitting and not self._averaging():
-            step_lr_schedule(self.lr_schedule, val_ppl)
-        self._state, self._nll_sum, self._token_count = self._train_snapshot
+        self._log_perplexity("val", self._eval_pass)
 
     def on_test_epoch_start(self) -> None:
-        self._start_epoch(seeded=True)
+        self._eval_pass = self._start_pass(seeded=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._window_loss(batch)
+        self._window_loss(batch, self._eval_pass)
 
     def on_test_epoch_end(self) -> None:
-        self._log_perplexity("test")
+        self._log_perplexity("test", self._eval_pass)
 
     # --- optimisation -----------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
-        # Stepped by this module right after validation, not by Lightning after the epoch: an
-        # end-of-epoch checkpoint must already hold that epoch's step to resume exactly.
+        # not handed to Lightning: LRStepAfterValidation steps it and checkpoints its state
         self.lr_schedule = lr_schedule(optimizer, self.hparams)
-        if self._resumed_schedule is not None:
-            self.lr_schedule.load_state_dict(self._resumed_schedule)
-            self._resumed_schedule = None
         return optimizer
-
-    # --- exact resume -----------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["hitnet_rng"] = _get_rng_state()
-        checkpoint["hitnet_lr_schedule"] = self.lr_schedule.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Both are applied later: the optimizer does not exist yet, and see
-        # on_train_epoch_start.
-        self._resumed_rng = checkpoint.get("hitnet_rng")
-        self._resumed_schedule = checkpoint.get("hitnet_lr_schedule")
-
-
-LRSchedule = torch.optim.lr_scheduler.LRScheduler | ReduceLROnPlateau
-
-
-def lr_schedule(optimizer: torch.optim.Optimizer, hparams: Any) -> LRSchedule:
-    """Either lr * lr_decay after each epoch of lr_milestones, or (the classic PTB recipe)
-    lr / 4 as soon as validation perplexity fails to improve; with lr_threshold, an epoch
-    improves only if it beats the best by that fraction."""
-    milestones = hparams.get("lr_milestones")
-    if milestones:
-        return torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=milestones, gamma=hparams["lr_decay"]
-        )
-    return ReduceLROnPlateau(
-        optimizer,
-        mode="min",
-        factor=hparams["lr_decay"],
-        patience=hparams["lr_patience"],
-        threshold=hparams["lr_threshold"],
-        threshold_mode="rel",
-    )
-
-
-def step_lr_schedule(schedule: LRSchedule, val_ppl: float) -> None:
-    """One epoch's step: the plateau rule reads validation; fixed milestones are blind to the
-    noise of a ternary model's val curve."""
-    if isinstance(schedule, ReduceLROnPlateau):
-        schedule.step(val_ppl)
-    else:
-        schedule.step()
-
-
-class Distillation:
-    """A frozen teacher run alongside training, its state carried across windows as the
-    student's is; gives the soft-target term of the loss."""
-
-    def __init__(self, teacher: RNNLanguageModel, temperature: float) -> None:
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.temperature = temperature
-        self._state: RecurrentState | None = None
-
-    def start_epoch(self, device: torch.device) -> None:
-        self.teacher.to(device)
-        self._state = None
-
-    def teacher_logits(self, inputs: Tensor) -> Tensor:
-        """The teacher's logits for this window (its state carried from the last one)."""
-        with torch.no_grad():
-            if self._state is None:
-                self._state = self.teacher.initial_state(inputs.size(1), inputs.device)
-            logits, self._state = self.teacher(inputs, self._state)
-        return logits
-
-    def loss(self, inputs: Tensor, student_logits: Tensor) -> Tensor:
-        """T^2 * KL(teacher || student) per token, on softmaxes at temperature T."""
-        vocab = student_logits.size(-1)
-        return soft_target_loss(
-            student_logits.reshape(-1, vocab),
-            self.teacher_logits(inputs).reshape(-1, vocab),
-            self.temperature,
-        )
-
-
-def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 * KL(teacher || student) per token, on softmaxes at temperature T.
-
-    ``teacher_logits`` (tokens, vocab); ``student_logits`` (..., tokens, vocab): leading
-    dimensions are stacked runs, each given its own loss against the one teacher.
-    """
-    t = temperature
-    student = F.log_softmax(student_logits / t, dim=-1)
-    teacher = F.log_softmax(teacher_logits / t, dim=-1).expand_as(student)
-    divergence = F.kl_div(student, teacher, reduction="none", log_target=True)
-    return divergence.sum((-2, -1)) / student.size(-2) * t * t
-
-
-def _get_rng_state() -> dict[str, Any]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hitnet.lightning_module import Distillation, soft_target_loss
+from hitnet.distillation import Distillation, soft_target_loss
 
 
 def per_run_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

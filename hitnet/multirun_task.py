@@ -30,6 +30,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
+from hitnet.averaging import AveragedSGD
 from hitnet.constraints import PositiveFloat, checked_arguments
 from hitnet.language_model import ModelConfig, RNNLanguageModel, detach_state
 from hitnet.lightning_module import (
@@ -47,6 +48,7 @@ from hitnet.multirun import (
     per_run_training_loss,
 )
 from hitnet.stacked_model import StackedLanguageModel, StackedState
+from hitnet.warmup import ActivationWarmup
 
 
 class StackedRunsTask(pl.LightningModule):
@@ -81,7 +83,13 @@ class StackedRunsTask(pl.LightningModule):
         self.save_hyperparameters(
             {"model": config.to_dict(), "seeds": list(seeds), "lrs": lrs, "clip": clip, **recipe}
         )
-        self._parts: list[Callback] = single.configure_callbacks()
+        # Its averaging and warm-up act on any module's weights and noise; its lr and RNG
+        # parts are a single run's (this task keeps one lr schedule and generator per run).
+        self._parts: list[Callback] = [
+            part
+            for part in single.configure_callbacks()
+            if isinstance(part, AveragedSGD | ActivationWarmup)
+        ]
         self.model = StackedLanguageModel([_seeded_model(config, seed) for seed in seeds])
         self._state: StackedState | None = None
         self._generators: list[torch.Generator] | None = None
@@ -135,7 +143,7 @@ class StackedRunsTask(pl.LightningModule):
         self._state = detach_state(state)
         return logits
 
-    def _log_perplexities(self, split: str) -> list[float]:
+    def _log_perplexities(self, split: str, **log_options: Any) -> list[float]:
         """Logs each run's perplexity; raises ``TrainingDiverged`` naming the runs whose loss
         is NaN or overflows, before anything (a checkpoint, a metric) records it."""
         mean_nll = (self._nll_sum / max(self._token_count, 1)).tolist()
@@ -152,7 +160,7 @@ class StackedRunsTask(pl.LightningModule):
             )
         ppls = [math.exp(nll) for nll in mean_nll]
         for run, ppl in enumerate(ppls):
-            self.log(f"{split}_ppl/run{run}", ppl)
+            self.log(f"{split}_ppl/run{run}", ppl, **log_options)
         return ppls
 
     # --- training ---------------------------------------------------------------------
@@ -184,11 +192,11 @@ class StackedRunsTask(pl.LightningModule):
         optimizer.step()
         self._nll_sum += cross_entropy.detach() * targets.numel()
         self._token_count += targets.numel()
-
-    def on_train_epoch_end(self) -> None:
-        self._log_perplexities("train")
-        for run, lr in enumerate(self._epoch_rates):
-            self.log(f"lr/run{run}", lr)
+        if self.trainer.is_last_batch:  # as LanguageModelTask: callbacks see them at epoch end
+            once = {"on_step": False, "on_epoch": True, "batch_size": 1}
+            self._log_perplexities("train", **once)
+            for run, lr in enumerate(self._epoch_rates):
+                self.log(f"lr/run{run}", lr, **once)
 
     # --- validation ---------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

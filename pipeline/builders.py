@@ -14,7 +14,7 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import Checkpoint, TQDMProgressBar
 
 from hitnet.data import PTBDataModule
 from hitnet.language_model import CellType
@@ -104,6 +104,9 @@ def build_trainer(
         limit_test_batches=recipe.limit_eval_batches,
         callbacks=callbacks + ([TQDMProgressBar(refresh_rate=50)] if on_terminal else []),
         enable_progress_bar=on_terminal,
+        # a stage checkpoints as it says (ModelCheckpoint, Ray's report) or not at all: no
+        # default ModelCheckpoint writing files nobody reads
+        enable_checkpointing=any(isinstance(callback, Checkpoint) for callback in callbacks),
         logger=False,
         default_root_dir=work_dir,
         num_sanity_val_steps=0,

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.callbacks import Callback
 
 HISTORY_COLUMNS = ("epoch", "train_ppl", "val_ppl", "lr")
 
 
-class EpochHistory(Checkpoint):
-    """A ``Checkpoint`` so that Lightning calls it after the module's ``on_train_epoch_end``,
-    where ``train_ppl`` is logged, as it does for ``ModelCheckpoint``."""
+class EpochHistory(Callback):
+    """Appends a row at every train-epoch end (``train_ppl`` and ``lr`` are logged from the
+    epoch's last batch, ``val_ppl`` by validation, so all are there by then)."""
 
     def __init__(
         self,

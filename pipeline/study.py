@@ -205,9 +205,8 @@ class Study:
         result |= {f"{k}_ptq": v for k, v in activation_summary(self.record(task, config)).items()}
         pl.seed_everything(self.params.seed, verbose=False)  # every row: the same data, draws
         recipe = self.params.recipe("ternary", self.cell)
-        row_dir = self.work_dir / row.key
-        build_trainer(self.params, recipe, row_dir, []).fit(task, self.datamodule)
-        shutil.rmtree(row_dir, ignore_errors=True)  # Lightning's per-epoch checkpoints
+        # no checkpoints: a killed row is trained again (rows.json keeps the finished ones)
+        build_trainer(self.params, recipe, self.work_dir / row.key, []).fit(task, self.datamodule)
         result["qat_ppl"] = self.test_ppl(task)
         result |= {f"{k}_qat": v for k, v in activation_summary(self.record(task, config)).items()}
         self.done[key] = result

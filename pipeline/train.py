@@ -156,7 +156,8 @@ def _fit_and_test(
         dirpath=work_dir, filename="best", monitor="val_ppl", mode="min", save_last=True
     )
     last = work_dir / "last.ckpt"
-    # history before best: each checkpoint then holds the rows up to its own epoch.
+    # Lightning runs Checkpoint callbacks (best) after the others at epoch end: each
+    # checkpoint holds the history rows up to its own epoch.
     trainer = build_trainer(params, recipe, work_dir, [history, best])
     trainer.fit(task, datamodule, ckpt_path=last if last.is_file() else None)
     metrics = {

@@ -32,7 +32,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Checkpoint
 
 from hitnet.language_model import CellType
 from pipeline.builders import (
@@ -110,12 +109,7 @@ def report_to_tune() -> pl.Callback:
     checkpoint (Ray counts the reports as ``training_iteration``: the epoch)."""
     from ray.tune.integration.pytorch_lightning import TuneReportCheckpointCallback
 
-    # A Checkpoint too: Lightning calls those after the module's on_train_epoch_end, where
-    # train_ppl is logged; Ray's callback alone runs before it and misses that epoch's value.
-    class ReportAfterTheModule(TuneReportCheckpointCallback, Checkpoint):
-        pass
-
-    return ReportAfterTheModule(
+    return TuneReportCheckpointCallback(
         ["train_ppl", "val_ppl"], filename=TRIAL_CHECKPOINT, on="train_epoch_end"
     )
 
@@ -154,7 +148,7 @@ def train_trial(
                 shutil.copyfile(Path(folder) / TRIAL_CHECKPOINT, resume_from)
         start_from_fp(task, Path(fp_checkpoint), load_weights=checkpoint is None)
         compile_as_configured(task, params.hardware)
-        # Ray's report is the checkpoint callback: Lightning adds no default one.
+        # Ray's report is the checkpoint callback (it saves the Trainer's checkpoint).
         callbacks = [report_to_tune()]
         if params.tune.fail_at_epoch is not None and checkpoint is None:  # a first attempt
             callbacks.append(FailOnce(params.tune.fail_at_epoch))

@@ -13,21 +13,13 @@ from hitnet.data import PTBDataModule
 from hitnet.language_model import ModelConfig
 from hitnet.lightning_module import Distillation, LanguageModelTask, TrainingDiverged
 from hitnet.quantizers import QuantConfig
+from tests.hitnet.conftest import cpu_trainer
 
 TERNARY = QuantConfig(weight="ttq", activation="btq")
 
 
 def _trainer(**kwargs) -> pl.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "gradient_clip_val": 0.25,
-        "num_sanity_val_steps": 0,
-    }
-    return pl.Trainer(**{**defaults, **kwargs})
+    return cpu_trainer(**{"gradient_clip_val": 0.25, **kwargs})
 
 
 FULL_PRECISION = QuantConfig()
@@ -152,6 +144,48 @@ def test_distillation_term_is_t_squared_kl_from_teacher_to_student():
     assert distillation.loss(tokens, student_logits) == pytest.approx(expected.item(), rel=1e-5)
     distillation.start_epoch(torch.device("cpu"))
     assert distillation.loss(tokens, teacher_logits).item() == pytest.approx(0.0, abs=1e-6)
+
+
+class _RecordEpochEnd(Callback):
+    """An ordinary callback: what it reads at train-epoch end, and the epoch's windows."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, float]] = []
+        self.windows: list[tuple[float, int]] = []  # (cross-entropy, tokens) per batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.windows.append((outputs["loss"].item(), batch[1].numel()))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        self.seen.append({key: float(metrics[key]) for key in ("train_ppl", "val_ppl", "lr")})
+        nll = sum(loss * tokens for loss, tokens in self.windows)
+        self.seen[-1]["expected_ppl"] = math.exp(nll / sum(tokens for _, tokens in self.windows))
+        self.windows = []
+
+
+def test_an_ordinary_callback_reads_this_epochs_train_ppl_and_lr_at_train_epoch_end(small_ptb):
+    pl.seed_everything(0)
+    task = _task(small_ptb.vocab_size, lr=20.0, lr_milestones=[1])
+    record = _RecordEpochEnd()
+    _trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, callbacks=[record]).fit(
+        task, small_ptb
+    )
+    assert len(record.seen) == 2
+    for epoch in record.seen:  # exp of the mean NLL over the epoch's training tokens
+        assert epoch["train_ppl"] == pytest.approx(epoch["expected_ppl"], rel=1e-5)
+    assert record.seen[0]["train_ppl"] != record.seen[1]["train_ppl"]
+    assert [epoch["lr"] for epoch in record.seen] == [20.0, 5.0]  # cut after epoch 1
+
+
+def test_the_lr_schedule_steps_after_the_validations_of_a_fit_only(small_ptb):
+    pl.seed_everything(0)
+    task = _task(small_ptb.vocab_size, lr=20.0)
+    trainer = _trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(task, small_ptb)
+    assert task.lr_schedule.last_epoch == 2
+    trainer.validate(task, small_ptb, verbose=False)
+    assert task.lr_schedule.last_epoch == 2
 
 
 class _RecordTrainLoss(Callback):
