@@ -68,6 +68,7 @@ def test_a_tests_ray_clean_up_stops_its_own_processes_and_leaves_anothers_ray_ru
             mine = f"RAY_TMPDIR={test_env['RAY_TMPDIR']}"
             assert processes_started_with(mine)
         assert processes_started_with(mine) == []  # the test's own Ray is gone, all of it
+        assert not Path(test_env["RAY_TMPDIR"]).exists()  # and so is its temp folder
         assert neighbour.poll() is None  # the neighbour's driver lives on
         alive = processes_started_with(f"RAY_TMPDIR={neighbours_env['RAY_TMPDIR']}")
         assert set(neighbours) <= set(alive)  # and so does every process of its Ray
