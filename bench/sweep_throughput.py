@@ -112,40 +112,28 @@ def measure_level(
     }
 
 
-def table(rows: list[dict[str, float]], device: str) -> str:
+def table(rows: list[dict[str, float]], device: str, over_gpus: bool) -> str:
+    """Per concurrency level (``over_gpus``: per GPU count), the rates and their ratios."""
     base = rows[0]
+    if over_gpus:
+        title, first = "over GPU counts (ratio to 1 GPU)", "| GPUs | trials at once |"
+    else:
+        title, first = "(ratio to 1 trial, same run)", "| concurrent trials | GPU per trial |"
     lines = [
-        f"sweep throughput on {device}: trial-epochs per minute (ratio to 1 trial, same run)",
+        f"sweep throughput on {device}: trial-epochs per minute {title}",
         "",
-        "| concurrent trials | GPU per trial | wall | steady | median epoch |",
+        f"{first} wall | steady | median epoch |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        share = f"1/{row['trials']}" if device != "cpu" else "0"
-        wall = row["wall_epochs_per_min"]
-        steady = row["steady_epochs_per_min"]
-        lines.append(
-            f"| {row['trials']} | {share} "
-            f"| {wall:.2f} ({wall / base['wall_epochs_per_min']:.2f}x) "
-            f"| {steady:.2f} ({steady / base['steady_epochs_per_min']:.2f}x) "
-            f"| {row['steady_epoch_s']:.1f} s |"
-        )
-    return "\n".join(lines)
-
-
-def gpu_table(rows: list[dict[str, float]], device: str) -> str:
-    base = rows[0]
-    lines = [
-        f"sweep throughput over GPUs of {device}: trial-epochs per minute (ratio to 1 GPU)",
-        "",
-        "| GPUs | trials at once | wall | steady | median epoch |",
-        "|---|---|---|---|---|",
-    ]
-    for row in rows:
+        if over_gpus:
+            level = f"| {row['gpus']} | {row['trials']} "
+        else:
+            share = f"1/{row['trials']}" if device != "cpu" else "0"
+            level = f"| {row['trials']} | {share} "
         wall, steady = row["wall_epochs_per_min"], row["steady_epochs_per_min"]
         lines.append(
-            f"| {row['gpus']} | {row['trials']} "
-            f"| {wall:.2f} ({wall / base['wall_epochs_per_min']:.2f}x) "
+            f"{level}| {wall:.2f} ({wall / base['wall_epochs_per_min']:.2f}x) "
             f"| {steady:.2f} ({steady / base['steady_epochs_per_min']:.2f}x) "
             f"| {row['steady_epoch_s']:.1f} s |"
         )
@@ -203,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                     keep(measure_level(level, args.cell, args.data, init, trials))
             finally:
                 ray.shutdown()
-    print(gpu_table(rows, device) if args.gpus else table(rows, device))
+    print(table(rows, device, over_gpus=bool(args.gpus)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,14 +71,15 @@ def kill(process: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def own_ray(env: dict[str, str]) -> Iterator[dict[str, str]]:
     """``env`` with a Ray temp folder of this test's own (``RAY_TMPDIR``); on exit, every
-    process started with it, and only those, is killed by PID: Ray processes that other
-    people started on this machine are left alone."""
+    process started with it, and only those, is killed by PID (Ray processes that other
+    people started on this machine are left alone), and the folder is removed."""
     # short: Ray's socket paths under it must fit a Unix socket name (107 bytes)
     folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     try:
         yield {**env, "RAY_TMPDIR": folder}
     finally:
         stop_processes_started_with(f"RAY_TMPDIR={folder}")
+        shutil.rmtree(folder, ignore_errors=True)  # its sessions' logs and sockets
 
 
 def processes_started_with(entry: str) -> list[int]:

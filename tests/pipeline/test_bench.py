@@ -30,17 +30,22 @@ def run_bench(
     return json.loads(out.read_text()), result
 
 
-def test_sweep_throughput_measures_every_concurrency_level(smoke_project: Path) -> None:
-    run_tool(smoke_project, sys.executable, "-m", "pipeline.prepare")
+def _sweep_throughput(project: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """bench/sweep_throughput.py at smoke size in ``project``: (its report, its stdout)."""
+    run_tool(project, sys.executable, "-m", "pipeline.prepare")
     result = run_tool(
-        smoke_project,
+        project,
         sys.executable,
         "bench/sweep_throughput.py",
-        *("--levels", "1", "2", "--epochs", "2"),
-        *("--limit-train-batches", "3", "--limit-eval-batches", "2"),
+        *args,
+        *("--epochs", "2", "--limit-train-batches", "3", "--limit-eval-batches", "2"),
         *("--json", "throughput.json"),
     )
-    report = json.loads((smoke_project / "throughput.json").read_text())
+    return json.loads((project / "throughput.json").read_text()), result.stdout
+
+
+def test_sweep_throughput_measures_every_concurrency_level(smoke_project: Path) -> None:
+    report, stdout = _sweep_throughput(smoke_project, "--levels", "1", "2")
     assert report["device"] == "cpu"
     rows = report["rows"]
     assert [row["trials"] for row in rows] == [1, 2]
@@ -49,29 +54,19 @@ def test_sweep_throughput_measures_every_concurrency_level(smoke_project: Path) 
         assert row["wall_epochs_per_min"] > 0 and row["steady_epochs_per_min"] > 0
         steady = 60 * row["trials"] / row["steady_epoch_s"]
         assert math.isclose(row["steady_epochs_per_min"], steady)
-    assert "| 1 | 0 |" in result.stdout and "(1.00x)" in result.stdout
+    assert "| 1 | 0 |" in stdout and "(1.00x)" in stdout
 
 
 def test_sweep_throughput_scales_over_gpu_counts(smoke_project: Path) -> None:
     """On a CPU, Ray's GPUs are fake: the wiring of G GPUs x K trials each, not a speed."""
-    run_tool(smoke_project, sys.executable, "-m", "pipeline.prepare")
-    result = run_tool(
-        smoke_project,
-        sys.executable,
-        "bench/sweep_throughput.py",
-        *("--gpus", "1", "2", "--trials-per-gpu", "1", "--epochs", "2"),
-        *("--limit-train-batches", "3", "--limit-eval-batches", "2"),
-        *("--json", "gpus.json"),
-    )
-    rows = json.loads((smoke_project / "gpus.json").read_text())["rows"]
+    report, stdout = _sweep_throughput(smoke_project, "--gpus", "1", "2", "--trials-per-gpu", "1")
+    rows = report["rows"]
     assert [(row["gpus"], row["trials"], row["trial_epochs"]) for row in rows] == [
         (1, 1, 2),
         (2, 2, 4),
     ]
-    assert "up to 2 trials at once, 1 GPU and 1 CPU each (the Ray cluster has 2 GPUs)" in (
-        result.stdout
-    )
-    assert "| 2 | 2 |" in result.stdout
+    assert "up to 2 trials at once, 1 GPU and 1 CPU each (the Ray cluster has 2 GPUs)" in stdout
+    assert "| 2 | 2 |" in stdout
 
 
 @pytest.mark.parametrize(("slopes", "named"), [("1,1", ""), ("2,0.5", ", slopes 2/0.5")])

@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from hitnet.analysis import STUDIED_QUANTIZERS as QUANTIZERS
-from tests.pipeline.conftest import SMOKE_SEEDS, STAGES, run_tool, tool_env
+from tests.pipeline.conftest import SMOKE, SMOKE_SEEDS, STAGES, run_tool, tool_env
 
 TRAINING = [stage for stage in STAGES if stage.startswith("train")]
 
@@ -222,3 +222,66 @@ def test_a_killed_training_stage_resumes_from_its_checkpoint(smoke_project):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")]
     assert sorted(steps) == [1, 2, 3, 4] and run.info.status == "FINISHED"
     assert not any((project / "checkpoints").iterdir())  # finished: resume state cleaned up
+
+
+# Started by the stage's Python (a sitecustomize on PYTHONPATH runs before any module): a
+# SIGKILL the moment the stage calls Trainer.<KILL_AT>, and in no other process. Polling the
+# stage's files from outside could not hit these points every time; this hits them always.
+KILL_HOOK = """
+import os, signal, sys
+if sys.orig_argv[1:3] == ["-m", "pipeline.train"] and os.environ.get("KILL_AT"):
+    import pytorch_lightning as pl
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(pl.Trainer, os.environ["KILL_AT"], killed)
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_sigkilled_outside_its_epochs_finishes_on_a_plain_rerun_in_one_mlflow_run(
+    smoke_project, tmp_path
+):
+    """Faults: a kill before the first checkpoint left a RUNNING MLflow run, and the rerun
+    opened another; a kill after the last epoch (testing, exporting) left a run with no
+    epoch to train, so the rerun, whose outs DVC deletes first, failed on history.csv."""
+    project = smoke_project
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    env = tool_env(project)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    run_tool(project, "dvc", "repro", "prepare")
+    out, epochs = project / "runs" / "fp" / "lstm", SMOKE["train_fp"]["epochs"]
+
+    def repro(kill_at: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["dvc", "repro", "--single-item", "train_fp@lstm"],
+            cwd=project,
+            env={**env, "KILL_AT": kill_at or ""},
+            capture_output=True,
+            text=True,
+        )
+
+    killed = repro(kill_at="fit")  # the MLflow run is open; no epoch, no checkpoint yet
+    assert killed.returncode != 0 and not (out / "history.csv").exists(), killed.stdout
+    killed = repro(kill_at="test")  # every epoch trained and checkpointed; not tested
+    assert killed.returncode != 0, killed.stdout[-3000:]
+    assert len(_runs_by_stage(project)["train_fp@lstm"]) == 1  # the first kill's run went on
+    assert len((out / "history.csv").read_text().splitlines()) == 1 + epochs
+    assert not (out / "model.ckpt").exists()
+
+    rerun = repro()
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert "resuming from" in rerun.stdout and " epoch 1/" not in rerun.stdout  # none again
+    rows = (out / "history.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == list(range(1, epochs + 1))
+    assert (out / "model.ckpt").is_file() and (out / "metrics.json").is_file()
+    assert not any((project / "checkpoints").iterdir())  # finished: resume state cleaned up
+    (run,) = _runs_by_stage(project)["train_fp@lstm"]  # one run, through both kills
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")]
+    assert sorted(steps) == list(range(1, epochs + 1)) and run.info.status == "FINISHED"
+    assert "test_ppl" in run.data.metrics
+    assert "didn't change, skipping" in repro().stdout  # dvc.lock records it as done
