@@ -215,3 +215,15 @@ def test_the_cpu_step_time_range_is_the_benchs_table():
         if line.startswith(("torch.nn.", "Sloped"))
     ]
     assert f"within {min(ratios):.2f}-{max(ratios):.2f}x of torch's layer" in _flat(README)
+
+
+def test_every_test_the_reliability_table_names_exists():
+    section = README[README.index("## What survives what") : README.index("## The library")]
+    named = re.findall(r"`(tests/[\w/]+\.py)((?:::\w+)?)`", section)
+    assert len(named) >= 10
+    files = [REPO_ROOT / path for path, _ in named]
+    for path, (_, test) in zip(files, named, strict=True):
+        assert path.is_file(), path
+        assert not test or f"def {test[2:]}(" in path.read_text(encoding="utf-8"), test
+    for test in re.findall(r"`::(\w+)`", section):  # a test of the file named before it
+        assert any(f"def {test}(" in path.read_text(encoding="utf-8") for path in files), test
