@@ -12,9 +12,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from hitnet.checkpointed_state import CheckpointedState
 
 LRSchedule = torch.optim.lr_scheduler.LRScheduler | ReduceLROnPlateau
 CHECKPOINT_KEY = "hitnet_lr_schedule"  # where checkpoints hold the schedule's state
@@ -48,16 +49,18 @@ def step_lr_schedule(schedule: LRSchedule, val_ppl: float) -> None:
         schedule.step()
 
 
-class LRStepAfterValidation(Callback):
+class LRStepAfterValidation(CheckpointedState):
     """Steps the module's ``lr_schedule`` (built by its ``configure_optimizers``) with the
     logged ``monitor`` once each fitting epoch's validation is over, and keeps the schedule's
     state in checkpoints. From epoch ``hold_from_epoch`` (counted from 1) on it steps no more:
     averaged SGD keeps the lr where it is."""
 
+    checkpoint_key = CHECKPOINT_KEY
+
     def __init__(self, monitor: str = "val_ppl", hold_from_epoch: int | None = None) -> None:
+        super().__init__()
         self.monitor = monitor
         self.hold_from_epoch = hold_from_epoch
-        self._resumed: dict[str, Any] | None = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_validation_end, not epoch end: the module logs the monitor in its own epoch-end
@@ -68,19 +71,10 @@ class LRStepAfterValidation(Callback):
         if hold is None or trainer.current_epoch + 1 < hold:
             step_lr_schedule(pl_module.lr_schedule, float(trainer.callback_metrics[self.monitor]))
 
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        checkpoint[CHECKPOINT_KEY] = pl_module.lr_schedule.state_dict()
-
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Kept until the fit starts: checkpoints are loaded before the optimizer exists.
-        if trainer.state.fn == TrainerFn.FITTING:
-            self._resumed = checkpoint.get(CHECKPOINT_KEY)
+    def saved_state(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return pl_module.lr_schedule.state_dict()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._resumed is not None:
-            pl_module.lr_schedule.load_state_dict(self._resumed)
-            self._resumed = None
+        resumed = self.take_resumed()  # the optimizer, and so the schedule, exist by now
+        if resumed is not None:
+            pl_module.lr_schedule.load_state_dict(resumed)

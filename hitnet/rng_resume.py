@@ -10,34 +10,25 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.trainer.states import TrainerFn
+
+from hitnet.checkpointed_state import CheckpointedState
 
 CHECKPOINT_KEY = "hitnet_rng"  # where checkpoints hold the RNG states
 
 
-class ResumeRNG(Callback):
-    def __init__(self) -> None:
-        self._resumed: dict[str, Any] | None = None
+class ResumeRNG(CheckpointedState):
+    checkpoint_key = CHECKPOINT_KEY
 
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
+    def saved_state(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        checkpoint[CHECKPOINT_KEY] = {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            self._resumed = checkpoint.get(CHECKPOINT_KEY)
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Applied here, not at load time: the sanity check and loader set-up that precede a
         # resumed epoch draw from the RNG, which the uninterrupted run never did.
-        if self._resumed is None:
+        resumed = self.take_resumed()
+        if resumed is None:
             return
-        torch.set_rng_state(self._resumed["cpu"])
-        if self._resumed["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(self._resumed["cuda"])
-        self._resumed = None
+        torch.set_rng_state(resumed["cpu"])
+        if resumed["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resumed["cuda"])

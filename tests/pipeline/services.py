@@ -9,12 +9,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.conftest import REPO_ROOT
 from tests.pipeline.conftest import tool_env
 
 
@@ -80,6 +82,32 @@ def own_ray(env: dict[str, str]) -> Iterator[dict[str, str]]:
     finally:
         stop_processes_started_with(f"RAY_TMPDIR={folder}")
         shutil.rmtree(folder, ignore_errors=True)  # its sessions' logs and sockets
+
+
+# A driver holding up the local Ray the tune stage starts (token and all), printing its GCS
+# address once it is up.
+LOCAL_SWEEP_RAY = (
+    "from pipeline.tune import connect_ray, guard_local_ray\n"
+    "guard_local_ray()\n"
+    "connect_ray()\n"
+    "import ray, time\n"
+    "print(ray.get_runtime_context().gcs_address, flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def start_local_sweep_ray(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """A local Ray as the tune stage starts it, in ``env`` (give it ``own_ray``'s): the
+    driver holding it up and its GCS address. The caller ends the driver."""
+    driver = subprocess.Popen(
+        [sys.executable, "-c", LOCAL_SWEEP_RAY],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    return driver, driver.stdout.readline().strip()
 
 
 def processes_started_with(entry: str) -> list[int]:

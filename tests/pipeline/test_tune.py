@@ -30,6 +30,7 @@ from tests.pipeline.services import (
     free_port,
     own_ray,
     processes_started_with,
+    start_local_sweep_ray,
     stop_processes_started_with,
 )
 
@@ -409,25 +410,9 @@ def test_a_sweep_spreads_its_trials_over_every_gpu_of_an_existing_ray_cluster(fp
 def test_a_local_sweeps_ray_refuses_a_driver_without_its_token():
     """Fault: a local sweep's Ray listens on every interface (Ray 2.60 cannot bind it to
     loopback) and runs whatever code it is sent; the tune stage now guards it with a token."""
-    holder = (
-        "from pipeline.tune import connect_ray, guard_local_ray\n"
-        "guard_local_ray()\n"
-        "connect_ray()\n"
-        "import ray, time\n"
-        "print(ray.get_runtime_context().gcs_address, flush=True)\n"
-        "time.sleep(300)\n"
-    )
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     with own_ray(env) as env:
-        local = subprocess.Popen(
-            [sys.executable, "-c", holder],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        address = local.stdout.readline().strip()
+        local, address = start_local_sweep_ray(env)
         stranger = subprocess.run(
             [sys.executable, "-c", f"import ray; ray.init(address='{address}'); print('in')"],
             env={key: value for key, value in env.items() if key != "RAY_TMPDIR"},
@@ -470,25 +455,10 @@ def _listening_ips(pids: list[int]) -> set[str]:
     "loopback; a token guards them (issue 21, item 9)",
 )
 def test_a_local_sweeps_ray_listens_on_loopback_only():
-    holder = (
-        "from pipeline.tune import connect_ray, guard_local_ray\n"
-        "guard_local_ray()\n"
-        "connect_ray()\n"
-        "print('up', flush=True)\n"
-        "import time\n"
-        "time.sleep(300)\n"
-    )
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     with own_ray(env) as env:
-        local = subprocess.Popen(
-            [sys.executable, "-c", holder],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        if local.stdout.readline().strip() != "up":
+        local, address = start_local_sweep_ray(env)
+        if not address:
             raise RuntimeError("the local Ray did not start")  # a real failure, not the xfail
         ips = _listening_ips(processes_started_with(f"RAY_TMPDIR={env['RAY_TMPDIR']}"))
         local.kill()
