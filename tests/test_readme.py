@@ -227,3 +227,11 @@ def test_every_test_the_reliability_table_names_exists():
         assert not test or f"def {test[2:]}(" in path.read_text(encoding="utf-8"), test
     for test in re.findall(r"`::(\w+)`", section):  # a test of the file named before it
         assert any(f"def {test}(" in path.read_text(encoding="utf-8") for path in files), test
+
+
+def test_the_suites_duration_is_the_ci_runs_log():
+    log = (RESULTS / "cpu_ci_run.txt").read_text(encoding="utf-8")
+    summary = re.search(r"(\d+) passed, (\d+) xfailed.* in ([\d.]+)s", log)
+    passed, xfailed, seconds = summary.groups()
+    tests = int(passed) + int(xfailed)
+    assert f"({float(seconds) / 60:.0f} min of pytest for {tests} tests" in _flat(README)
