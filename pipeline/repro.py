@@ -68,8 +68,7 @@ class GpuShare:
     """Which GPU a starting stage gets: the one running the fewest stages."""
 
     gpus: list[str]
-    stages_on: dict[str, int] = field(default_factory=dict)
-    given: dict[str, str] = field(default_factory=dict)
+    given: dict[str, str] = field(default_factory=dict)  # running stage -> its GPU
 
     def take(self, stage: str) -> str | None:
         """The ``CUDA_VISIBLE_DEVICES`` for ``stage`` (None: leave the environment's)."""
@@ -77,15 +76,12 @@ class GpuShare:
             return None
         if stage.startswith(SPREADS_OVER_GPUS):
             return ",".join(self.gpus)
-        gpu = min(self.gpus, key=lambda name: self.stages_on.get(name, 0))
-        self.stages_on[gpu] = self.stages_on.get(gpu, 0) + 1
-        self.given[stage] = gpu
-        return gpu
+        running = list(self.given.values())
+        self.given[stage] = min(self.gpus, key=running.count)
+        return self.given[stage]
 
     def give_back(self, stage: str) -> None:
-        gpu = self.given.pop(stage, None)
-        if gpu is not None:
-            self.stages_on[gpu] -= 1
+        self.given.pop(stage, None)
 
 
 @dataclass
