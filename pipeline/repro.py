@@ -50,6 +50,24 @@ def stage_dependencies(root: Path = Path(".")) -> dict[str, list[str]]:
         }
 
 
+def with_upstream(dependencies: dict[str, list[str]], targets: list[str]) -> dict[str, list[str]]:
+    """The part of the graph that ``targets`` need: they and every stage upstream of them, as
+    `dvc repro <target>` would run. Raises ``ValueError`` naming a stage dvc.yaml lacks."""
+    unknown = [target for target in targets if target not in dependencies]
+    if unknown:
+        raise ValueError(
+            f"no stage {', '.join(unknown)} in dvc.yaml; its stages are: {', '.join(dependencies)}"
+        )
+    needed: set[str] = set()
+    stack = list(targets)
+    while stack:
+        name = stack.pop()
+        if name not in needed:
+            needed.add(name)
+            stack.extend(dependencies[name])
+    return {name: upstream for name, upstream in dependencies.items() if name in needed}
+
+
 # stages that spread their own work over every GPU they see (Ray Tune's trials)
 SPREADS_OVER_GPUS = ("tune@",)
 
@@ -183,6 +201,12 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
+        "targets",
+        nargs="*",
+        metavar="STAGE",
+        help="run these stages and those upstream of them (default: every stage)",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=DEFAULT_JOBS,
@@ -193,6 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    dependencies = stage_dependencies()
+    if args.targets:
+        try:
+            dependencies = with_upstream(dependencies, args.targets)
+        except ValueError as error:
+            parser.error(str(error))
     env = dict(os.environ)
     # Stages at once share the cores: torch's threads each, not all of them each.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
@@ -210,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.monotonic()
         try:
             spans = run(
-                stage_dependencies(),
+                dependencies,
                 args.jobs,
                 lambda name: ["dvc", "--wait-for-lock", "repro", "--single-item", name],
                 write,

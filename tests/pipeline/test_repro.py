@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline.repro import Schedule, run, visible_gpus
+from pipeline.repro import Schedule, run, visible_gpus, with_upstream
 
 # a diamond, as dvc.yaml's: b and c both need a; d needs both
 DIAMOND = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
@@ -42,6 +42,14 @@ def test_independent_stages_run_at_once_and_dependents_after():
     assert b_start < c_end and c_start < b_end  # b and c overlapped
     assert spans["d"][0] >= max(b_end, c_end)
     assert any(line.startswith("repro: d done in") for line in lines)
+
+
+def test_targets_take_themselves_and_everything_upstream_only():
+    assert with_upstream(DIAMOND, ["b"]) == {"a": [], "b": ["a"]}
+    assert with_upstream(DIAMOND, ["b", "c"]) == {"a": [], "b": ["a"], "c": ["a"]}
+    assert with_upstream(DIAMOND, ["d"]) == DIAMOND
+    with pytest.raises(ValueError, match=r"no stage e in dvc\.yaml; its stages are: a, b, c, d"):
+        with_upstream(DIAMOND, ["b", "e"])
 
 
 def test_a_failed_stage_stops_new_starts_and_names_itself():
