@@ -240,7 +240,7 @@ LrRange = searched_range(TrainParams, "lr")
 DropoutRange = searched_range(ModelParams, "dropout")
 
 
-class TuneParams(Section):
+class _TuneFields(CellSpecific):
     """The Ray Tune sweep (`tune@cell`): searched ranges, budget, resources per trial."""
 
     lambda_sigma: SlopeRange = [0.5, 4.0]  # log-uniform
@@ -263,6 +263,19 @@ class TuneParams(Section):
     storage: str = "ray_results"  # on a cluster: a path every node sees
     fail_at_epoch: PositiveInt | None = None  # tests only: each trial raises once there
 
+
+TuneOverride = _TuneFields.override(
+    "TuneOverride",
+    SEARCHED,
+    "What one cell's sweep searches otherwise (the GRU diverges at the LSTM's lr).",
+)
+
+
+class TuneParams(_TuneFields):
+    """The Ray Tune sweep (`tune@cell`): searched ranges, budget, resources per trial."""
+
+    per_cell: dict[CellType, TuneOverride] = Field(default_factory=dict)
+
     def trial_gpus(self, cluster_gpus: float) -> float:
         """GPUs a trial asks Ray for, on a cluster with ``cluster_gpus`` in all."""
         if self.gpus_per_trial == "auto":
@@ -278,10 +291,15 @@ class TuneParams(Section):
 
     @model_validator(mode="after")
     def _ranges_are_ordered(self) -> TuneParams:
-        for key in SEARCHED:
-            bounds = getattr(self, key)
-            if bounds is not None and not bounds[0] < bounds[1]:
-                raise ValueError(f"tune.{key} must be [low, high] with low < high, got {bounds}")
+        for cell in (None, *self.per_cell):
+            ranges = self if cell is None else self.for_cell(cell)
+            prefix = "tune." if cell is None else f"tune.per_cell.{cell}."
+            for key in SEARCHED:
+                bounds = getattr(ranges, key)
+                if bounds is not None and not bounds[0] < bounds[1]:
+                    raise ValueError(
+                        f"{prefix}{key} must be [low, high] with low < high, got {bounds}"
+                    )
         if self.grace_period > self.epochs:
             raise ValueError("tune.grace_period must be <= tune.epochs")
         return self

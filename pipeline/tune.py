@@ -74,14 +74,16 @@ def starting_point(params: Params, cell: CellType) -> dict[str, float] | None:
         "lr": params.recipe("ternary", cell).lr,
         "dropout": params.dropout(cell, ternary=True),
     }
-    space = search_space(params.tune)
+    space = search_space(params.tune.for_cell(cell))
     point = {key: configured[key] for key in space}
+    own = params.tune.per_cell.get(cell)
     for key, value in point.items():
         low, high = space[key].lower, space[key].upper
         if not low <= value <= high:
+            range_key = f"per_cell.{cell}.{key}" if getattr(own, key, None) else key
             print(
                 f"tune@{cell}: no first trial at the configured setting: {key} {value} "
-                f"is outside tune.{key} [{low}, {high}]",
+                f"is outside tune.{range_key} [{low}, {high}]",
                 flush=True,
             )
             return None
@@ -210,7 +212,7 @@ def build_tuner(
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    settings = params.tune
+    settings = params.tune.for_cell(cell)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     trainable = tune.with_resources(
         tune.with_parameters(

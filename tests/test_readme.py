@@ -71,6 +71,17 @@ def test_the_wall_times_are_the_drivers_clock_stamps():
     assert f"once, 66 epochs, {ternary} s" in _flat(README)
 
 
+def test_the_full_size_repro_figures_are_its_files():
+    timing = _metrics("h200/repro/timing-fp.json")
+    assert f"both FP models at once took {timing['total']:.0f} s" in _flat(README)
+    for cell in ("lstm", "gru"):  # "equal the H100's hand-run stage in every value"
+        ours, before = (
+            (RESULTS / path).read_text().split()
+            for path in (f"h200/repro/fp-{cell}-history.csv", f"h100/runs/fp/{cell}/history.csv")
+        )
+        assert len(ours) == 41 and ours == before
+
+
 def test_the_sweep_horizons_rank_correlation_is_the_benchs_table():
     table = (RESULTS / "h100" / "horizon_rank.md").read_text(encoding="utf-8")
 

@@ -33,6 +33,8 @@ from pipeline.params import (
     RecipeOverride,
     SearchedSetting,
     TrainParams,
+    TuneOverride,
+    TuneParams,
     load_params,
     load_searched,
     parse_params,
@@ -588,7 +590,11 @@ def test_every_library_config_field_is_set_from_params_yaml():
 
 @pytest.mark.parametrize(
     ("section", "override", "names"),
-    [(QuantParams, QuantOverride, QUANT_SEARCHED), (TrainParams, RecipeOverride, RECIPE_PER_CELL)],
+    [
+        (QuantParams, QuantOverride, QUANT_SEARCHED),
+        (TrainParams, RecipeOverride, RECIPE_PER_CELL),
+        (TuneParams, TuneOverride, SEARCHED),
+    ],
 )
 def test_an_override_takes_exactly_its_fields_of_the_section_each_optional(
     section, override, names

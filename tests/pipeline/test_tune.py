@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from pydantic import ValidationError
 from ray import tune
 
 from pipeline.params import Params, ParamsError, parse_params
@@ -92,6 +93,26 @@ def test_a_sweep_starts_at_the_cells_configured_setting(capsys):
     assert starting_point(narrow, "lstm") is None
     assert "ttq_threshold 0.5 is outside tune.ttq_threshold [0.6, 1.0]" in capsys.readouterr().out
     assert starting_point(narrow, "gru") is not None
+
+
+def test_a_cell_searches_its_own_range_where_it_has_one(capsys):
+    tune = {"lr": [1.0, 20.0], "per_cell": {"gru": {"lr": [0.5, 4.0]}}}
+    recipe = {"lr": 10.0, "per_cell": {"gru": {"lr": 2.0}}}
+    params = Params.model_validate({"tune": tune, "train_ternary": recipe})
+    gru, lstm = (
+        search_space(params.tune.for_cell("gru")),
+        search_space(params.tune.for_cell("lstm")),
+    )
+    assert (gru["lr"].lower, gru["lr"].upper) == (0.5, 4.0)
+    assert (lstm["lr"].lower, lstm["lr"].upper) == (1.0, 20.0)
+    assert gru["lambda_sigma"].upper == lstm["lambda_sigma"].upper == 4.0  # the shared range
+    assert starting_point(params, "gru")["lr"] == 2.0
+    # the LSTM's lr 10 lies outside the GRU's range: the line names the key to edit
+    wide = Params.model_validate({"tune": tune, "train_ternary": {"lr": 10.0}})
+    assert starting_point(wide, "gru") is None
+    assert "lr 10.0 is outside tune.per_cell.gru.lr [0.5, 4.0]" in capsys.readouterr().out
+    with pytest.raises(ValidationError, match=r"tune\.per_cell\.gru\.lr must be \[low, high\]"):
+        Params.model_validate({"tune": {"per_cell": {"gru": {"lr": [4.0, 0.5]}}}})
 
 
 def test_a_trials_values_win_over_the_cells_own_quant_values():
