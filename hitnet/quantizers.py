@@ -45,7 +45,7 @@ def straight_through(x: Tensor, quantized: Tensor) -> Tensor:
 
 def ternarize_threshold(
     w: Tensor,
-    threshold: float = 0.7,
+    threshold: float | Tensor = 0.7,
     scaled: bool = True,
     per_row: bool = False,
     run_dims: int = 0,
@@ -166,18 +166,26 @@ class WeightQuantizer(nn.Module):
     from torch's global RNG, one per forward pass, in evaluation too (rounded, every weight
     under 0.5 in magnitude would be 0). ``run_dims``: leading dimensions that index stacked
     runs' matrices (``hitnet.stacked_recurrent``), each quantized on its own.
+
+    TTQ's threshold lives in a buffer: a compiled recurrence takes it as an input, not a
+    constant, so models that differ only in it (a sweep's trials) share one compiled graph
+    and torch.compile's cache.
     """
 
-    def __init__(self, config: QuantConfig, run_dims: int = 0) -> None:
+    def __init__(
+        self, config: QuantConfig, run_dims: int = 0, device: torch.device | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.run_dims = run_dims
+        threshold = torch.tensor(config.ttq_threshold, device=device)
+        self.register_buffer("ttq_threshold", threshold, persistent=False)
 
     def forward(self, weight: Tensor) -> Tensor:
         config = self.config
         if config.weight == "ttq":
             return ternarize_threshold(
-                weight, config.ttq_threshold, config.ttq_scaled, config.ttq_per_row, self.run_dims
+                weight, self.ttq_threshold, config.ttq_scaled, config.ttq_per_row, self.run_dims
             )
         if config.weight == "uq":
             return quantize_uniform(weight, config.uq_bits)

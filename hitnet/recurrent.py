@@ -44,17 +44,21 @@ class Cell(NamedTuple):
     gates: ActivationQuantizer
     candidate: ActivationQuantizer
     hidden: ActivationQuantizer
-    lambda_sigma: float
-    lambda_tanh: float
+    # the float 1.0 for no slope, else the slope as a tensor: a compiled recurrence takes it
+    # as an input, so models that differ only in their slopes share one compiled graph
+    lambda_sigma: float | Tensor
+    lambda_tanh: float | Tensor
     unit_slope_gradient: bool = False  # QuantConfig.slope_gradient == "unit"
 
 
-def sloped(fn: Callable[[Tensor], Tensor], x: Tensor, slope: float, unit_gradient: bool) -> Tensor:
+def sloped(
+    fn: Callable[[Tensor], Tensor], x: Tensor, slope: float | Tensor, unit_gradient: bool
+) -> Tensor:
     """``fn(slope * x)``; with ``unit_gradient`` its gradient is ``fn``'s at ``x``, as if the
     slope were 1: the slope then polarizes the forward pass only. (Through straight-through
     quantizers a slope of 2 multiplies the gradient at every step of the recurrence, and it
     explodes over a bptt window.)"""
-    if slope == 1.0:
+    if not isinstance(slope, Tensor) and slope == 1.0:
         return fn(x)
     value = fn(slope * x)
     return straight_through(fn(x), value) if unit_gradient else value
@@ -201,6 +205,8 @@ class _SlopedRecurrence:
         self.quant = quant or QuantConfig()
         self.lambda_sigma = float(lambda_sigma)
         self.lambda_tanh = float(lambda_tanh)
+        for name, slope in (("sigma_slope", lambda_sigma), ("tanh_slope", lambda_tanh)):
+            self.register_buffer(name, torch.tensor(float(slope)), persistent=False)
         self.fused_full_precision = fused_full_precision
         self.compile_recurrence(None)
 
@@ -212,7 +218,9 @@ class _SlopedRecurrence:
     def quant(self, config: QuantConfig) -> None:
         """A new config takes effect at once: the quantizers are rebuilt from it."""
         self._quant = config
-        self.weight_quantizer = WeightQuantizer(config, self.run_dims)
+        weight = next(self.parameters(), None)  # where the model is: the buffers go there too
+        device = None if weight is None else weight.device
+        self.weight_quantizer = WeightQuantizer(config, self.run_dims, device)
         self.gate_quantizer = ActivationQuantizer(config, "gates", self.run_dims)
         self.candidate_quantizer = ActivationQuantizer(config, "candidate", self.run_dims)
         self.hidden_quantizer = ActivationQuantizer(config, "hidden", self.run_dims)
@@ -276,8 +284,8 @@ class _SlopedRecurrence:
             self.gate_quantizer,
             self.candidate_quantizer,
             self.hidden_quantizer,
-            self.lambda_sigma,
-            self.lambda_tanh,
+            1.0 if self.lambda_sigma == 1.0 else self.sigma_slope,
+            1.0 if self.lambda_tanh == 1.0 else self.tanh_slope,
             self.quant.slope_gradient == "unit",
         )
 

@@ -58,6 +58,28 @@ def test_compiled_path_reads_each_new_noise_level_without_recompiling():
     assert (outputs[0] - outputs[1]).abs().max() > 0.1
 
 
+@pytest.mark.slow
+def test_models_differing_only_in_slopes_and_threshold_share_one_compiled_graph():
+    """A sweep's trials: their slopes and TTQ threshold are the graph's inputs, not constants
+    baked into it, so the second model reuses the first one's graph (and torch.compile's
+    cache across processes) and still computes with its own values."""
+    outputs = []
+    for call, (slope, threshold) in enumerate(((2.0, 0.5), (1.5, 0.9))):
+        torch.manual_seed(0)
+        quant = replace(TERNARY, ttq_threshold=threshold)
+        reference = SlopedLSTM(6, 12, quant=quant, lambda_sigma=slope, lambda_tanh=slope)
+        compiled = SlopedLSTM(6, 12, quant=quant, lambda_sigma=slope, lambda_tanh=slope)
+        compiled.load_state_dict(reference.state_dict())
+        compiled.compile_recurrence("default")
+        x = torch.randn(5, 3, 6)
+        with torch._dynamo.config.patch(error_on_recompile=call > 0):
+            out = compiled(x, generator=torch.Generator().manual_seed(1))[0]
+        expected = reference(x, generator=torch.Generator().manual_seed(1))[0]
+        assert torch.equal(out, expected)
+        outputs.append(out)
+    assert (outputs[0] - outputs[1]).abs().max() > 0.1
+
+
 def test_compile_recurrence_none_restores_the_eager_path():
     layer = SlopedLSTM(4, 8, quant=TERNARY)
     layer.compile_recurrence("default")
