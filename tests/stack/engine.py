@@ -36,6 +36,9 @@ DATA_ROOT = Path(os.environ.get("HITNET_ENGINE_DATA_ROOT", "/var/lib/hitnet-engi
 IPTABLES_TABLES = ("filter", "nat")
 DOCKER_LINK = re.compile(r"^(docker0|br-[0-9a-f]+|veth[0-9a-f]+)$")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
+# The one system path the engine writes: runc shims put their sockets in /run/containerd/s,
+# whatever containerd's config says. Removed at stop when it was not there before.
+SYSTEM_CONTAINERD = Path("/run/containerd")
 
 
 def missing_tools() -> list[str]:
@@ -169,6 +172,7 @@ class Engine:
         self.containerd: subprocess.Popen | None = None
         self.process: subprocess.Popen | None = None  # dockerd
         self.network_before = NetworkState.now()
+        self.system_containerd_before = SYSTEM_CONTAINERD.exists()
 
     def start(self, timeout_s: float = 60) -> None:
         config = self.folder / "containerd.toml"
@@ -227,6 +231,10 @@ class Engine:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.network_before.undo_changes_since()
+        if not self.system_containerd_before:  # the shims' empty socket folder, if any
+            for folder in (SYSTEM_CONTAINERD / "s", SYSTEM_CONTAINERD):
+                with contextlib.suppress(OSError):  # missing, or not empty: the test says
+                    folder.rmdir()
 
     def leftover_processes(self) -> list[int]:
         """PIDs whose command line names this engine's run state (containerd, its shims)."""

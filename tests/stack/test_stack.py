@@ -34,6 +34,7 @@ from tests.pipeline.services import answers, free_port
 from tests.stack.engine import (
     COMPOSE_PLUGIN,
     DOCKER_LINK,
+    SYSTEM_CONTAINERD,
     Engine,
     NetworkState,
     build_stand_ins,
@@ -463,6 +464,7 @@ def test_readme_team_commands_run_the_pipeline_on_the_stack(engine, tmp_path, ca
             before.policies,
         )
         assert (after.links, after.ip_forward) == (before.links, before.ip_forward)
+        assert SYSTEM_CONTAINERD.exists() == engine.system_containerd_before
     finally:
         if engine.process is not None:
             remove_volumes(project, env)
