@@ -1,8 +1,10 @@
 """docker-compose.yml and docker-compose.gpu.yml, checked as files: images build from what
 exists, variables and secrets are documented, secrets never sit in the environment or on a
 command line, ports stay on loopback, GPUs are reserved for the training and the workers,
-services are health-checked and their commands exist in the image. tests/stack runs the
-stack for real under an engine; this catches in seconds what needs none."""
+services are health-checked (the ray-worker: joined to the head), the image can compile for
+Triton and its services' commands exist in it. tests/stack runs the stack for real under an
+engine (and merges the GPU file with compose itself); this catches in seconds what needs
+none."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import posixpath
 import re
 import tomllib
 
-import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
@@ -26,6 +27,9 @@ PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
 # What each command needs in the project image: the requirement that provides it.
 COMMAND_PACKAGES = {"mlflow": "mlflow", "ray": "ray[tune]", "dvc": "dvc"}
 HITNET_IMAGE = "hitnet-pipeline:latest"
+ENTRYPOINT = "/opt/hitnet/docker/entrypoint.py"
+# Services up until `docker compose down`; the others (profiles) run on demand.
+LONG_RUNNING = [name for name, service in SERVICES.items() if "profiles" not in service]
 
 
 def _command_words(command: str | list[str]) -> list[str]:
@@ -115,6 +119,9 @@ def test_the_pipeline_runs_a_ray_node_and_sees_ptb_where_params_point():
         }
         assert "/work" in targets, name
         assert posixpath.normpath(posixpath.join("/work", source)) in targets, name
+    # a fresh clone's .env (from .env.example) mounts PTB from where params.yaml reads it
+    assert f"${{PTB_DIR:-{DOCUMENTED['PTB_DIR']}}}:/shared/data/ptb:ro" in COMPOSE_TEXT
+    assert DOCUMENTED["PTB_DIR"] == source
 
 
 def test_the_gpu_file_gives_every_gpu_to_the_training_and_to_one_worker():
@@ -126,9 +133,45 @@ def test_the_gpu_file_gives_every_gpu_to_the_training_and_to_one_worker():
     assert not re.search(r"docker compose up .*--scale", (REPO_ROOT / "README.md").read_text())
 
 
-@pytest.mark.parametrize("name", ["postgres", "mlflow", "ray-head"])
-def test_long_lived_services_are_health_checked(name):
-    assert SERVICES[name]["healthcheck"]["test"]
+def test_every_long_running_service_is_health_checked_so_up_wait_waits_for_it():
+    assert LONG_RUNNING == ["postgres", "mlflow", "ray-head", "ray-worker"]
+    for name in LONG_RUNNING:
+        assert SERVICES[name]["healthcheck"]["test"], name
+
+
+def test_the_ray_worker_is_healthy_once_the_head_lists_its_node_as_alive():
+    test = SERVICES["ray-worker"]["healthcheck"]["test"]
+    assert test == ["CMD", "python", "/opt/hitnet/docker/ray_node_alive.py", "ray-head:6379"]
+    assert SERVICES["ray-worker"]["environment"]["RAY_AUTH_MODE"] == "token"  # as its node's
+    assert re.search(r"^COPY docker/entrypoint.py docker/ray_node_alive.py ", DOCKERFILE, re.M)
+    script = (REPO_ROOT / "docker" / "ray_node_alive.py").read_text()
+    assert "find_node_ids()" in script and "GcsNodeState.ALIVE" in script
+
+
+def test_the_image_has_a_c_compiler_for_triton():
+    # hardware.compile: auto is torch.compile on CUDA: Triton compiles with cc when it starts
+    (packages,) = re.findall(r"apt-get install -y --no-install-recommends ([^\\\n]+)", DOCKERFILE)
+    assert {"gcc", "libc6-dev"} <= set(packages.split())
+
+
+def test_readme_names_the_services_that_refuse_placeholder_secrets():
+    """docker/entrypoint.py refuses an empty or `change-me` secret; postgres (Docker Hub's
+    image) does not run it, and README says so."""
+    assert f'ENTRYPOINT ["python", "{ENTRYPOINT}"]' in DOCKERFILE
+    with_secrets = [name for name, service in SERVICES.items() if service.get("secrets")]
+    checked = [
+        name
+        for name in with_secrets
+        if SERVICES[name]["image"] == HITNET_IMAGE
+        and SERVICES[name].get("entrypoint", ["python", ENTRYPOINT])[:2] == ["python", ENTRYPOINT]
+    ]
+    assert [name for name in with_secrets if name not in checked] == ["postgres"]
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    assert (
+        f"a service of the project image ({', '.join(checked)}) whose secret is empty or "
+        "`change-me` refuses to start" in readme
+    )
+    assert "postgres takes its password as it is" in readme
 
 
 def test_torch_and_the_dependencies_are_installed_before_the_code_is_copied():

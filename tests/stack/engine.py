@@ -1,7 +1,10 @@
 """A Docker engine of the test's own: Debian's dockerd started by hand (no systemd), its
 socket, state and Compose v2 plugin in the test's folders, and a base image made on this
-machine (Docker Hub is not reachable from CI). Stopping it stops the daemon by its PID and
-removes the bridges and iptables rules it made, leaving the machine as it was.
+machine (Docker Hub is not reachable from CI). Its containerd is its own too, started with
+a config in the test's folder and given to dockerd by --containerd: without that flag,
+dockerd 20.10 attaches to a system containerd whenever /run/containerd/containerd.sock
+exists. Stopping it stops both daemons by their PIDs and removes the bridges and iptables
+rules dockerd made, leaving the machine as it was.
 
 The tools come from Debian's packages; .ci/engine-tools installs them:
 docker.io (dockerd, containerd, runc and its own docker client), debootstrap, iptables, and
@@ -33,17 +36,57 @@ DATA_ROOT = Path(os.environ.get("HITNET_ENGINE_DATA_ROOT", "/var/lib/hitnet-engi
 IPTABLES_TABLES = ("filter", "nat")
 DOCKER_LINK = re.compile(r"^(docker0|br-[0-9a-f]+|veth[0-9a-f]+)$")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
+# The one system path the engine writes: runc shims put their sockets in /run/containerd/s,
+# whatever containerd's config says. Removed at stop when it was not there before.
+SYSTEM_CONTAINERD = Path("/run/containerd")
 
 
 def missing_tools() -> list[str]:
     """What this machine lacks to run an engine; empty when it has everything."""
     missing = [
-        name for name in ("dockerd", "debootstrap", "iptables-save") if shutil.which(name) is None
+        name
+        for name in ("dockerd", "containerd", "debootstrap", "iptables-save")
+        if shutil.which(name) is None
     ]
     missing += [str(path) for path in (DOCKER_CLIENT, COMPOSE_PLUGIN) if not path.is_file()]
     if os.geteuid() != 0:
         missing.append("root (dockerd runs as root)")
     return missing
+
+
+def containerd_config(folder: Path) -> str:
+    """containerd's config for the engine in ``folder``: its socket and state there, its
+    content beside the image layers (DATA_ROOT), no CRI plugin (as dockerd's own containerd
+    has it) and nothing written to the system's paths (/run/containerd, /opt/containerd)."""
+    run = folder / "containerd"
+    return f"""version = 2
+root = "{DATA_ROOT / "containerd" / "daemon"}"
+state = "{run / "state"}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{run / "containerd.sock"}"
+
+[debug]
+  address = "{run / "containerd-debug.sock"}"
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{DATA_ROOT / "containerd" / "opt"}"
+"""
+
+
+def dockerd_command(folder: Path, containerd_socket: Path) -> list[str]:
+    """dockerd for the engine in ``folder``, on the containerd at ``containerd_socket``."""
+    return [
+        "dockerd",
+        "--storage-driver=overlay2",
+        f"--data-root={DATA_ROOT}",
+        f"--exec-root={folder / 'exec'}",
+        f"--pidfile={folder / 'dockerd.pid'}",
+        f"--host=unix://{folder / 'docker.sock'}",
+        f"--containerd={containerd_socket}",
+    ]
 
 
 @dataclass(frozen=True)
@@ -106,8 +149,9 @@ class NetworkState:
 
 
 class Engine:
-    """dockerd with its socket and run state in ``folder``; ``env`` is what a command needs
-    to use it (this daemon, Debian's client first on PATH, the Compose v2 plugin)."""
+    """dockerd and its containerd with their sockets and run state in ``folder``; ``env`` is
+    what a command needs to use it (this daemon, Debian's client first on PATH, the Compose
+    v2 plugin)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -124,25 +168,34 @@ class Engine:
             "DOCKER_CONFIG": str(config),
             "PATH": f"{client_bin}{os.pathsep}{os.environ['PATH']}",
         }
-        self.process: subprocess.Popen | None = None
+        self.containerd_socket = folder / "containerd" / "containerd.sock"
+        self.containerd: subprocess.Popen | None = None
+        self.process: subprocess.Popen | None = None  # dockerd
         self.network_before = NetworkState.now()
+        self.system_containerd_before = SYSTEM_CONTAINERD.exists()
 
     def start(self, timeout_s: float = 60) -> None:
-        log = (self.folder / "dockerd.log").open("w")
-        self.process = subprocess.Popen(
-            [
-                "dockerd",
-                "--storage-driver=overlay2",
-                f"--data-root={DATA_ROOT}",
-                f"--exec-root={self.folder / 'exec'}",
-                f"--pidfile={self.folder / 'dockerd.pid'}",
-                f"--host=unix://{self.socket}",
-            ],
-            stdout=log,
+        config = self.folder / "containerd.toml"
+        config.write_text(containerd_config(self.folder))
+        self.containerd = subprocess.Popen(
+            ["containerd", f"--config={config}"],
+            stdout=(self.folder / "containerd.log").open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
+        while not self.containerd_socket.is_socket():
+            if self.containerd.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                log = (self.folder / "containerd.log").read_text()[-3000:]
+                raise AssertionError(f"containerd did not start: {log}")
+            time.sleep(0.2)
+        self.process = subprocess.Popen(
+            dockerd_command(self.folder, self.containerd_socket),
+            stdout=(self.folder / "dockerd.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         while self.docker("version", check=False).returncode != 0:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
@@ -161,21 +214,27 @@ class Engine:
         return result
 
     def stop(self, timeout_s: float = 60) -> None:
-        """SIGTERM to dockerd (it stops its containerd), SIGKILL if it lingers; then whatever
-        still runs from its run state, by PID; then its network changes are undone."""
-        if self.process is not None:
+        """SIGTERM to dockerd, then to its containerd, SIGKILL to one that lingers; then
+        whatever still runs from their run state, by PID; then the network changes are undone."""
+        for process in (self.process, self.containerd):
+            if process is None:
+                continue
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGTERM)
+                os.kill(process.pid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=timeout_s)
+                process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-            self.process = None
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+        self.process = self.containerd = None
         for pid in self.leftover_processes():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.network_before.undo_changes_since()
+        if not self.system_containerd_before:  # the shims' empty socket folder, if any
+            for folder in (SYSTEM_CONTAINERD / "s", SYSTEM_CONTAINERD):
+                with contextlib.suppress(OSError):  # missing, or not empty: the test says
+                    folder.rmdir()
 
     def leftover_processes(self) -> list[int]:
         """PIDs whose command line names this engine's run state (containerd, its shims)."""

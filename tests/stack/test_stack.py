@@ -32,15 +32,24 @@ from tests.conftest import PTB_DIR, REPO_ROOT
 from tests.pipeline.conftest import STAGES, make_smoke_project, write_params
 from tests.pipeline.services import answers, free_port
 from tests.stack.engine import (
+    COMPOSE_PLUGIN,
     DOCKER_LINK,
+    SYSTEM_CONTAINERD,
     Engine,
     NetworkState,
     build_stand_ins,
+    containerd_config,
+    dockerd_command,
     import_debian_base,
     missing_tools,
 )
 
 BASE_IMAGE = "hitnet-ci/debian:bookworm"
+# Where docker-compose.yml mounts PTB from when .env leaves PTB_DIR at .env.example's value.
+PTB_DEFAULT = re.search(
+    r"\$\{PTB_DIR:-([^}]+)\}", (REPO_ROOT / "docker-compose.yml").read_text()
+).group(1)
+TORCH_WHEEL = "torch-2.13.0+cpu-*.whl"
 PIPELINE_TIMEOUT_S = 1500
 # A user's checkout belongs to the user, not to the containers' root (git's ownership check).
 CHECKOUT_OWNER = 1000
@@ -97,10 +106,25 @@ def engine() -> Iterator[Engine]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def torch_wheels() -> list[Path]:
+    """The CPU torch wheels in pip's find-links folders; fails when there is none: the image
+    build would download torch from the index instead, which CI must not depend on."""
+    folders = os.environ.get("PIP_FIND_LINKS", "/opt/wheels").split()
+    wheels = [wheel for folder in folders for wheel in sorted(Path(folder).glob(TORCH_WHEEL))]
+    if not wheels:
+        pytest.fail(
+            f"no {TORCH_WHEEL} in {' '.join(folders)} (PIP_FIND_LINKS, else /opt/wheels): the "
+            "stack's image would download torch from its index; put the wheel there"
+        )
+    return wheels
+
+
 def smoke_checkout(project: Path) -> Path:
-    """The smoke project as a team member's checkout: PTB where params.yaml's default says
-    (mounted there by the stack), trials long enough to be killed mid-sweep and a ternary
-    stage long enough for an outage mid-training, the torch wheel pip would install."""
+    """The smoke project as a team member's fresh clone: PTB beside it where .env.example's
+    PTB_DIR and params.yaml's default say (a copy, mounted from there by the stack), trials
+    long enough to be killed mid-sweep and a ternary stage long enough for an outage
+    mid-training, the torch wheel pip would install."""
+    wheels = torch_wheels()
     make_smoke_project(project)
     write_params(
         project,
@@ -111,12 +135,58 @@ def smoke_checkout(project: Path) -> Path:
         },
     )
     subprocess.run(["git", "commit", "-qam", "smoke params"], cwd=project, check=True)
-    for folder in os.environ.get("PIP_FIND_LINKS", "/opt/wheels").split():
-        for wheel in Path(folder).glob("torch-2.13.0+cpu-*.whl"):
-            shutil.copy(wheel, project / "docker" / "wheels")
+    for wheel in wheels:
+        shutil.copy(wheel, project / "docker" / "wheels")
+    shutil.copytree(PTB_DIR, project / PTB_DEFAULT)
     if os.geteuid() == 0:
         subprocess.run(["chown", "-R", f"{CHECKOUT_OWNER}:{CHECKOUT_OWNER}", project], check=True)
     return project
+
+
+def test_the_smoke_checkout_fails_fast_without_a_local_torch_wheel(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match=re.escape(TORCH_WHEEL)):
+        smoke_checkout(tmp_path / "project")
+    assert not (tmp_path / "project").exists()  # before any copying
+
+
+def test_the_engine_runs_on_a_containerd_of_its_own(tmp_path):
+    command = dockerd_command(tmp_path, tmp_path / "containerd.sock")
+    assert f"--containerd={tmp_path / 'containerd.sock'}" in command
+    config = containerd_config(tmp_path)
+    assert f'address = "{tmp_path}/' in config
+    assert "/run/containerd" not in config and "/opt/containerd" not in config
+
+
+def test_the_gpu_file_merges_gpu_requests_into_pipeline_and_ray_worker():
+    """Compose's own merge of the two files (no daemon needed): every GPU reserved for the
+    pipeline and the ray-worker, none for the other services."""
+    if not COMPOSE_PLUGIN.is_file():
+        reason = f"no Compose v2 plugin at {COMPOSE_PLUGIN} (.ci/engine-tools installs it)"
+        if os.environ.get("HITNET_REQUIRE_ENGINE"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COMPOSE_")}
+    merged = subprocess.run(
+        [
+            *(str(COMPOSE_PLUGIN), "--env-file", ".env.example", "--profile", "run"),
+            *("-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"),
+            *("config", "--format", "json"),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    services = json.loads(merged.stdout)["services"]
+    gpus = {
+        name: service["deploy"]["resources"]["reservations"]["devices"]
+        for name, service in services.items()
+        if "deploy" in service
+    }
+    every_gpu = [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]  # -1: all
+    assert gpus == {"pipeline": every_gpu, "ray-worker": every_gpu}
 
 
 def run_with_faults(
@@ -314,6 +384,25 @@ def check_exposure(project: Path, env: dict[str, str], settings: dict[str, str],
         assert settings[name] not in command_lines, name
 
 
+def check_containers(project: Path, env: dict[str, str], engine: Engine) -> None:
+    """After `up --wait`: every service healthy (the ray-worker's check: the head lists
+    its node as alive), PTB mounted from the fresh clone's default place, and every
+    container run by the engine's own containerd (its shim names the engine's folder)."""
+    ids = subprocess.run(
+        ["docker", "compose", "ps", "-q"], cwd=project, env=env, capture_output=True, text=True
+    ).stdout.split()
+    containers = json.loads(engine.docker("inspect", *ids).stdout)
+    services = {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in containers}
+    assert services.keys() == {"postgres", "mlflow", "ray-head", "ray-worker"}
+    for name, container in services.items():
+        assert container["State"]["Health"]["Status"] == "healthy", name
+        shim = Path(f"/proc/{container['State']['Pid']}/stat").read_text().rsplit(")", 1)[1]
+        parent = Path(f"/proc/{shim.split()[1]}/cmdline").read_bytes()
+        assert str(engine.folder).encode() in parent, (name, parent)
+    mounts = {m["Destination"]: m["Source"] for m in services["ray-worker"]["Mounts"]}
+    assert Path(mounts["/shared/data/ptb"]).resolve() == (project / PTB_DEFAULT).resolve()
+
+
 def remove_volumes(project: Path, env: dict[str, str]) -> None:
     """The next run makes new secrets: its volumes must be new too (the layers are kept)."""
     subprocess.run(
@@ -331,7 +420,9 @@ def test_readme_team_commands_run_the_pipeline_on_the_stack(engine, tmp_path, ca
     phases = Phases()
     project = smoke_checkout(tmp_path / "project")
     port = free_port()
-    env = {**engine.env, "PTB_DIR": str(PTB_DIR), "MLFLOW_PORT": str(port)}
+    # PTB_DIR as a fresh clone's .env has it (.env.example's): none from this shell
+    env = {**engine.env, "MLFLOW_PORT": str(port)}
+    env.pop("PTB_DIR", None)
     try:
         with phases("base image: debootstrap minbase, docker import"):
             import_debian_base(engine, BASE_IMAGE)
@@ -358,7 +449,7 @@ def test_readme_team_commands_run_the_pipeline_on_the_stack(engine, tmp_path, ca
                         (done.stdout + done.stderr)[-6000:].decode(),
                     )
             if command == up:
-                assert engine.docker("ps", "-q").stdout.split(), "up --wait started nothing"
+                check_containers(project, env, engine)
         assert "tune: joining the Ray cluster at ray-head:6379" in output
         assert re.search(r"tune@lstm trial \w+ failed: .*; retrying", output), output[-6000:]
         assert engine.docker("ps", "-aq").stdout.split() == []  # down left nothing
@@ -373,6 +464,7 @@ def test_readme_team_commands_run_the_pipeline_on_the_stack(engine, tmp_path, ca
             before.policies,
         )
         assert (after.links, after.ip_forward) == (before.links, before.ip_forward)
+        assert SYSTEM_CONTAINERD.exists() == engine.system_containerd_before
     finally:
         if engine.process is not None:
             remove_volumes(project, env)
