@@ -82,6 +82,12 @@ def test_the_full_size_repro_figures_are_its_files():
         assert len(ours) == 41 and ours == before
 
 
+def test_the_compile_cache_figure_is_the_benchs_file():
+    rows = _metrics("cpu_compile_cache.json")["rows"]
+    assert rows[0]["ratio"] == 1.0
+    assert f"compiles in {rows[1]['ratio']:.2f}x the cold time on a CPU" in _flat(README)
+
+
 def test_the_sweep_horizons_rank_correlation_is_the_benchs_table():
     table = (RESULTS / "h100" / "horizon_rank.md").read_text(encoding="utf-8")
 

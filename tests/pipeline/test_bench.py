@@ -152,3 +152,18 @@ def test_multirun_throughput_measures_stacked_runs_and_processes_against_one(
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
         assert math.isfinite(row["final_loss"])
     assert "| processes | 2 |" in result.stdout
+
+
+def test_compile_cache_times_each_setting_in_its_own_process_against_the_cold_one(
+    tmp_path: Path,
+) -> None:
+    report, result = run_bench(
+        "compile_cache", tmp_path, *("--settings", "2:0.5", "1.5:0.6", "--steps", "2")
+    )
+    rows = report["rows"]
+    assert [(row["slope"], row["ttq_threshold"]) for row in rows] == [(2.0, 0.5), (1.5, 0.6)]
+    assert rows[0]["ratio"] == 1.0
+    assert math.isclose(
+        rows[1]["ratio"], rows[1]["first_step_s"] / rows[0]["first_step_s"], rel_tol=0.02
+    )
+    assert report["mode"] == "default" and "the cold one" in result.stdout
