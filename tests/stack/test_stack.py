@@ -64,6 +64,20 @@ def team_commands() -> list[str]:
     return [line for line in lines if line]
 
 
+def stdout_of(
+    command: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+) -> str:
+    """What ``command`` prints; it must succeed."""
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def container_ids(project: Path, env: dict[str, str], *services: str) -> list[str]:
+    """The running containers of the compose project (of ``services`` only, if given)."""
+    return stdout_of(["docker", "compose", "ps", "-q", *services], project, env).split()
+
+
 class Phases:
     """Wall time per phase, printed at the end: the budget in CI is tight."""
 
@@ -167,19 +181,16 @@ def test_the_gpu_file_merges_gpu_requests_into_pipeline_and_ray_worker():
             pytest.fail(reason)
         pytest.skip(reason)
     env = {key: value for key, value in os.environ.items() if not key.startswith("COMPOSE_")}
-    merged = subprocess.run(
+    merged = stdout_of(
         [
             *(str(COMPOSE_PLUGIN), "--env-file", ".env.example", "--profile", "run"),
             *("-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"),
             *("config", "--format", "json"),
         ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
+        REPO_ROOT,
+        env,
     )
-    services = json.loads(merged.stdout)["services"]
+    services = json.loads(merged)["services"]
     gpus = {
         name: service["deploy"]["resources"]["reservations"]["devices"]
         for name, service in services.items()
@@ -215,14 +226,7 @@ def run_with_faults(
         for line in process.stdout:
             output.append(line)
             if not worker_killed and re.match(r"tune@lstm trial \w+ epoch 1/", line):
-                worker = subprocess.run(
-                    ["docker", "compose", "ps", "-q", "ray-worker"],
-                    cwd=project,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout.split()
+                worker = container_ids(project, env, "ray-worker")
                 subprocess.run(["docker", "kill", *worker], env=env, check=True)
                 output.append(f"TEST: killed ray-worker {worker}\n")
                 compose("start", "ray-worker")
@@ -295,13 +299,10 @@ def check_runs(project: Path, port: int, settings: dict[str, str], outage: tuple
     tags = [{tag["key"]: tag["value"] for tag in run["data"].get("tags", [])} for run in runs]
     assert {tag["dvc.stage"] for tag in tags} == set(STAGES)
     assert {run["info"]["status"] for run in runs} == {"FINISHED"}
-    head = subprocess.run(  # the checkout is the user's: git must be told to trust it
-        ["git", "-c", f"safe.directory={project}", "rev-parse", "HEAD"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    # the checkout is the user's: git must be told to trust it
+    head = stdout_of(
+        ["git", "-c", f"safe.directory={project}", "rev-parse", "HEAD"], project
+    ).strip()
     for run, tag in zip(runs, tags, strict=True):
         stage = tag["dvc.stage"]
         if "git.commit" in tag:  # the stages' runs (a sweep's trials are Ray's)
@@ -325,18 +326,15 @@ def check_runs(project: Path, port: int, settings: dict[str, str], outage: tuple
 
 def check_postgres(project: Path, env: dict[str, str], settings: dict[str, str], runs: int):
     def query(sql: str) -> int:
-        answer = subprocess.run(
+        answer = stdout_of(
             [
                 *("docker", "compose", "exec", "-T", "postgres", "psql"),
                 *("-U", settings["POSTGRES_USER"], "-d", settings["POSTGRES_DB"], "-tAc", sql),
             ],
-            cwd=project,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
+            project,
+            env,
         )
-        return int(answer.stdout.strip())
+        return int(answer.strip())
 
     assert query("SELECT count(*) FROM runs WHERE status = 'FINISHED'") == runs
     assert query("SELECT count(*) FROM metrics WHERE key = 'val_ppl'") > 0
@@ -355,12 +353,7 @@ def host_addresses() -> list[str]:
 def check_exposure(project: Path, env: dict[str, str], settings: dict[str, str], port: int):
     """Only MLflow is published, on 127.0.0.1 only; it refuses calls without the password;
     no secret shows in `docker inspect` or in any command line on the host."""
-    ids = subprocess.run(
-        ["docker", "compose", "ps", "-q"], cwd=project, env=env, capture_output=True, text=True
-    ).stdout.split()
-    inspected = subprocess.run(
-        ["docker", "inspect", *ids], env=env, capture_output=True, text=True, check=True
-    ).stdout
+    inspected = stdout_of(["docker", "inspect", *container_ids(project, env)], env=env)
     published = {
         (container["Name"], port_name, binding["HostIp"])
         for container in json.loads(inspected)
@@ -388,10 +381,7 @@ def check_containers(project: Path, env: dict[str, str], engine: Engine) -> None
     """After `up --wait`: every service healthy (the ray-worker's check: the head lists
     its node as alive), PTB mounted from the fresh clone's default place, and every
     container run by the engine's own containerd (its shim names the engine's folder)."""
-    ids = subprocess.run(
-        ["docker", "compose", "ps", "-q"], cwd=project, env=env, capture_output=True, text=True
-    ).stdout.split()
-    containers = json.loads(engine.docker("inspect", *ids).stdout)
+    containers = json.loads(engine.docker("inspect", *container_ids(project, env)).stdout)
     services = {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in containers}
     assert services.keys() == {"postgres", "mlflow", "ray-head", "ray-worker"}
     for name, container in services.items():
