@@ -74,6 +74,19 @@ def test_the_wall_times_are_the_drivers_clock_stamps():
 def test_the_full_size_repro_figures_are_its_files():
     timing = _metrics("h200/repro/timing-fp.json")
     assert f"both FP models at once took {timing['total']:.0f} s" in _flat(README)
+    # the sweeps' log: Ray's status lines stamp the running time, "Xmin Ys"
+    log = (RESULTS / "h200" / "repro" / "tune-partial.log").read_text(encoding="utf-8")
+    stamps = [
+        (match.start(), int(match.group(1)) + int(match.group(2)) / 60)
+        for match in re.finditer(r"Total running time: (\d+)min (\d+)s", log)
+    ]
+    first_epoch = log.index(" epoch 1/")
+    before = max(minutes for at, minutes in stamps if at < first_epoch)
+    after = min(minutes for at, minutes in stamps if at > first_epoch)
+    assert before <= 6 <= after and round(stamps[-1][1]) == 10
+    assert "Both sweeps then ran 10 min, their 16 trials compiling at once for the first 6" in (
+        _flat(README)
+    )
     for cell in ("lstm", "gru"):  # "equal the H100's hand-run stage in every value"
         ours, before = (
             (RESULTS / path).read_text().split()
@@ -252,3 +265,15 @@ def test_the_suites_duration_is_the_ci_runs_log():
     passed, xfailed, seconds = summary.groups()
     tests = int(passed) + int(xfailed)
     assert f"({float(seconds) / 60:.0f} min of pytest for {tests} tests" in _flat(README)
+    (whole,) = re.findall(r"install included: (\d+) min", log)
+    assert f"took {whole} min on a 2-core machine from a fresh clone" in _flat(README)
+    (stack,) = re.findall(r"([\d.]+)s call +tests/stack/test_stack.py", log)
+    assert f"({float(stack) / 60:.1f} min with cached image layers" in _flat(README)
+    fast = (RESULTS / "cpu_fast_subset.txt").read_text(encoding="utf-8")
+    passed, deselected, seconds = re.search(
+        r"(\d+) passed, (\d+) deselected.* in ([\d.]+)s", fast
+    ).groups()
+    assert (
+        f"leaves out the {deselected} slow tests ({passed} run, {float(seconds) / 60:.0f} min"
+        in _flat(README)
+    )
