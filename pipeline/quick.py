@@ -1,6 +1,7 @@
 """`python -m pipeline.quick` (`make quick`): the whole DAG at smoke size, in minutes on a CPU.
 
-Copies the project (the files git tracks or would track) into its own git + DVC repo,
+Copies the project (the files git tracks or would track, less the committed full-size run's
+``dvc.lock`` and ``runs/`` records) into its own git + DVC repo,
 ``quick/`` by default, with ``params.yaml`` changed as ``pipeline/quick.yaml`` says (a tiny
 model, a slice of PTB, two epochs a stage), then runs the pipeline there as ``make repro``
 does (``python -m pipeline.repro``: ``dvc repro``, independent stages at once). The real
@@ -38,8 +39,14 @@ def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+# The committed full-size experiment's records (its lock, metrics and histories): a copy is a
+# new experiment of its own, which must not start from another's lock.
+EXPERIMENT_RECORDS = ("dvc.lock", "runs/")
+
+
 def project_files(root: Path) -> list[str]:
-    """What git tracks in ``root``, and what it would (untracked, not ignored)."""
+    """What git tracks in ``root``, and what it would (untracked, not ignored), less the
+    experiment's records."""
     listed = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"],
         cwd=root,
@@ -47,7 +54,11 @@ def project_files(root: Path) -> list[str]:
         text=True,
         check=True,
     )
-    return [name for name in listed.stdout.splitlines() if (root / name).is_file()]
+    return [
+        name
+        for name in listed.stdout.splitlines()
+        if (root / name).is_file() and not name.startswith(EXPERIMENT_RECORDS)
+    ]
 
 
 def make_project(target: Path, changes: dict[str, Any], root: Path = REPO_ROOT) -> Path:

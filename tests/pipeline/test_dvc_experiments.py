@@ -4,6 +4,7 @@ of the workspace, and `dvc push` works without setup."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -11,8 +12,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from dvc.repo import Repo
 
+from pipeline.quick import project_files
 from tests.conftest import PTB_DIR, REPO_ROOT
 from tests.pipeline.conftest import (
     commit_stand_in_outputs,
@@ -89,3 +92,47 @@ def test_an_experiment_in_a_temporary_copy_finds_the_corpus_and_keeps_its_runs(t
     assert len(artifact_uris) == 2  # prepare, train_fp@lstm
     assert all(uri.startswith((project / "mlruns").as_uri()) for uri in artifact_uris)
     assert not [name for name in os.listdir(project) if name.startswith("tmp")]
+
+
+def _committed_lock() -> dict:
+    return yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())
+
+
+def test_the_committed_lock_is_a_full_size_run_and_records_the_committed_files():
+    """dvc.lock is the full-size run's (results/h200/repro.md): the metrics, histories and
+    sweep records in git are the very files it recorded, so `dvc status` calls them current."""
+    stages = _committed_lock()["stages"]
+    assert {"prepare", "train_fp@lstm", "train_fp@gru", "tune@lstm", "tune@gru"} <= set(stages)
+    for name, stage in stages.items():
+        if name.startswith(("train_fp@", "tune@")):
+            recorded = stage["params"]["params.yaml"]
+            assert recorded["data.max_tokens"] is None and recorded["model"]["hidden_size"] == 300
+    assert stages["tune@lstm"]["params"]["params.yaml"]["tune.num_samples"] == 16
+    in_git = [
+        out for stage in stages.values() for out in stage["outs"] if not _git_ignores(out["path"])
+    ]
+    assert len(in_git) == 10  # per cell: FP metrics + history, best.json, trials.csv, sweep.png
+    for out in in_git:
+        digest = hashlib.md5((REPO_ROOT / out["path"]).read_bytes()).hexdigest()
+        assert digest == out["md5"], f"{out['path']} is not the file dvc.lock recorded"
+
+
+def test_dvc_exp_show_on_the_committed_lock_shows_what_each_sweep_chose():
+    shown = json.loads(run_tool(REPO_ROOT, "dvc", "exp", "show", "--json").stdout)
+    head = next(rev for rev in shown if rev["rev"] != "workspace")
+    for cell in ("lstm", "gru"):
+        path = f"runs/tune/{cell}/best.json"
+        best = json.loads((REPO_ROOT / path).read_text())
+        assert head["data"]["metrics"][path]["data"] == best
+        assert best["val_ppl"] <= best["configured_val_ppl"] and best["lr"] > 0
+
+
+def test_a_quick_or_smoke_copy_leaves_the_committed_runs_records_behind():
+    """A copy is an experiment of its own: it starts with no lock and no records."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "dvc.lock" in tracked and "runs/tune/lstm/best.json" in tracked
+    copied = project_files(REPO_ROOT)
+    assert "params.yaml" in copied
+    assert [name for name in copied if name == "dvc.lock" or name.startswith("runs/")] == []
