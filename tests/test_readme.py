@@ -71,28 +71,50 @@ def test_the_wall_times_are_the_drivers_clock_stamps():
     assert f"once, 66 epochs, {ternary} s" in _flat(README)
 
 
+def _csv_rows(path: str) -> list[list[str]]:
+    return [line.split(",") for line in (REPO_ROOT / path).read_text().split()]
+
+
 def test_the_full_size_repro_figures_are_its_files():
-    timing = _metrics("h200/repro/timing-fp.json")
-    assert f"both FP models at once took {timing['total']:.0f} s" in _flat(README)
-    # the sweeps' log: Ray's status lines stamp the running time, "Xmin Ys"
-    log = (RESULTS / "h200" / "repro" / "tune-partial.log").read_text(encoding="utf-8")
-    stamps = [
-        (match.start(), int(match.group(1)) + int(match.group(2)) / 60)
-        for match in re.finditer(r"Total running time: (\d+)min (\d+)s", log)
-    ]
-    first_epoch = log.index(" epoch 1/")
-    before = max(minutes for at, minutes in stamps if at < first_epoch)
-    after = min(minutes for at, minutes in stamps if at > first_epoch)
-    assert before <= 6 <= after and round(stamps[-1][1]) == 10
-    assert "Both sweeps then ran 10 min, their 16 trials compiling at once for the first 6" in (
-        _flat(README)
+    """The committed run's figures: its timings, its FP histories, the sweeps' best.json."""
+    timing = _metrics("h200/repro/timing-full.json")
+    fp = max(timing["train_fp@lstm"], timing["train_fp@gru"])
+    assert (
+        f"through both sweeps on one H200 in {timing['total']:.0f} s (`results/h200/repro.md`): "
+        f"prepare {timing['prepare']:.0f} s, both FP models at once {fp:.0f} s"
+    ) in _flat(README)
+    assert f"{timing['tune@gru']:.0f} s (GRU) and {timing['tune@lstm']:.0f} s (LSTM)" in _flat(
+        README
     )
     for cell in ("lstm", "gru"):  # "equal the H100's hand-run stage in every value"
-        ours, before = (
-            (RESULTS / path).read_text().split()
-            for path in (f"h200/repro/fp-{cell}-history.csv", f"h100/runs/fp/{cell}/history.csv")
-        )
-        assert len(ours) == 41 and ours == before
+        ours = _csv_rows(f"runs/fp/{cell}/history.csv")
+        assert len(ours) == 41 and ours == _csv_rows(f"results/h100/runs/fp/{cell}/history.csv")
+    lstm, gru = (
+        json.loads((REPO_ROOT / f"runs/tune/{c}/best.json").read_text()) for c in ("lstm", "gru")
+    )
+    assert lstm["winner"] == "sweep" and gru["winner"] == "configured"
+    assert (
+        f"(val {lstm['val_ppl']:.2f} against {lstm['configured_val_ppl']:.2f}: slopes "
+        f"{lstm['lambda_sigma']:.2f} and {lstm['lambda_tanh']:.2f}, TTQ theta "
+        f"{lstm['ttq_threshold']:.2f}, lr {lstm['lr']:.1f}, dropout {lstm['dropout']:.2f})"
+    ) in _flat(README)
+    others = [
+        float(row[-3]) for row in _csv_rows("runs/tune/gru/trials.csv")[1:] if row[6] == "False"
+    ]
+    assert len(others) == 15
+    assert (
+        f"its configured setting ({gru['val_ppl']:.2f}; the best other trial, {min(others):.2f})"
+        in _flat(README)
+    )
+
+
+def test_the_gpu_ternary_stage_with_the_shared_graph_repeats_the_published_run():
+    ours = _csv_rows("results/h200/repro/ternary-lstm-seed0-history.csv")[1:]
+    published = _csv_rows("results/h100/runs/ternary/lstm/history.csv")[1:]
+    assert ours == published[: len(ours)]
+    assert f"repeats the published run in every value for the {len(ours)} epochs it ran" in (
+        _flat(README)
+    )
 
 
 def test_the_compile_cache_figure_is_the_benchs_file():
