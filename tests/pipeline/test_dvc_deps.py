@@ -67,3 +67,14 @@ def test_the_import_walk_follows_the_projects_modules_only():
     files = imported_project_files("pipeline.report")
     assert {"pipeline/report.py", "pipeline/builders.py", "hitnet/data.py"} <= files
     assert not any(name.startswith(("torch", "mlflow")) for name in files)
+
+
+def test_no_stage_module_imports_another_stage_module():
+    """What stages share lives in modules of its own (builders, params, ...), so editing one
+    stage's module reruns that stage alone."""
+    entries = {re.findall(r"python -m ([\w.]+)", _stage(name)["cmd"])[0] for name in STAGES}
+    assert {"pipeline.prepare", "pipeline.train", "pipeline.tune", "pipeline.report"} <= entries
+    stage_files = {f"{entry.replace('.', '/')}.py": entry for entry in entries}
+    for entry in sorted(entries):
+        imported = imported_project_files(entry) & set(stage_files)
+        assert imported == {f"{entry.replace('.', '/')}.py"}, f"{entry} imports {imported}"
