@@ -70,11 +70,11 @@ def test_the_import_walk_follows_the_projects_modules_only():
 
 
 def test_no_stage_module_imports_another_stage_module():
-    """What stages share lives in modules of its own (builders, params, ...), so editing one
-    stage's module reruns that stage alone."""
+    """What stages share lives in modules of their own (builders, params, ...), so editing
+    one stage's module reruns that stage alone."""
     entries = {re.findall(r"python -m ([\w.]+)", _stage(name)["cmd"])[0] for name in STAGES}
     assert {"pipeline.prepare", "pipeline.train", "pipeline.tune", "pipeline.report"} <= entries
-    stage_files = {f"{entry.replace('.', '/')}.py": entry for entry in entries}
+    stage_files = {f"{entry.replace('.', '/')}.py" for entry in entries}
     for entry in sorted(entries):
-        imported = imported_project_files(entry) & set(stage_files)
+        imported = imported_project_files(entry) & stage_files
         assert imported == {f"{entry.replace('.', '/')}.py"}, f"{entry} imports {imported}"
