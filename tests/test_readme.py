@@ -4,6 +4,7 @@ history that moved from README to results/README.md."""
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import re
@@ -71,8 +72,9 @@ def test_the_wall_times_are_the_drivers_clock_stamps():
     assert f"once, 66 epochs, {ternary} s" in _flat(README)
 
 
-def _csv_rows(path: str) -> list[list[str]]:
-    return [line.split(",") for line in (REPO_ROOT / path).read_text().split()]
+def _csv_rows(path: str) -> list[dict[str, str]]:
+    with open(REPO_ROOT / path, newline="") as rows:
+        return list(csv.DictReader(rows))
 
 
 def test_the_full_size_repro_figures_are_its_files():
@@ -88,7 +90,7 @@ def test_the_full_size_repro_figures_are_its_files():
     )
     for cell in ("lstm", "gru"):  # "equal the H100's hand-run stage in every value"
         ours = _csv_rows(f"runs/fp/{cell}/history.csv")
-        assert len(ours) == 41 and ours == _csv_rows(f"results/h100/runs/fp/{cell}/history.csv")
+        assert len(ours) == 40 and ours == _csv_rows(f"results/h100/runs/fp/{cell}/history.csv")
     lstm, gru = (
         json.loads((REPO_ROOT / f"runs/tune/{c}/best.json").read_text()) for c in ("lstm", "gru")
     )
@@ -98,9 +100,8 @@ def test_the_full_size_repro_figures_are_its_files():
         f"{lstm['lambda_sigma']:.2f} and {lstm['lambda_tanh']:.2f}, TTQ theta "
         f"{lstm['ttq_threshold']:.2f}, lr {lstm['lr']:.1f}, dropout {lstm['dropout']:.2f})"
     ) in _flat(README)
-    others = [
-        float(row[-3]) for row in _csv_rows("runs/tune/gru/trials.csv")[1:] if row[6] == "False"
-    ]
+    trials = _csv_rows("runs/tune/gru/trials.csv")
+    others = [float(row["best_val_ppl"]) for row in trials if row["configured"] == "False"]
     assert len(others) == 15
     assert (
         f"its configured setting ({gru['val_ppl']:.2f}; the best other trial, {min(others):.2f})"
@@ -109,8 +110,8 @@ def test_the_full_size_repro_figures_are_its_files():
 
 
 def test_the_gpu_ternary_stage_with_the_shared_graph_repeats_the_published_run():
-    ours = _csv_rows("results/h200/repro/ternary-lstm-seed0-history.csv")[1:]
-    published = _csv_rows("results/h100/runs/ternary/lstm/history.csv")[1:]
+    ours = _csv_rows("results/h200/repro/ternary-lstm-seed0-history.csv")
+    published = _csv_rows("results/h100/runs/ternary/lstm/history.csv")
     assert ours == published[: len(ours)]
     assert f"repeats the published run in every value for the {len(ours)} epochs it ran" in (
         _flat(README)
